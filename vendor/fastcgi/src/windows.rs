@@ -23,8 +23,11 @@
 //                                                                            //
 ////////////////////////////////////////////////////////////////////////////////
 
-use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream, SocketAddr};
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use crate::Backoff;
 
 pub struct Transport<'a> {
     inner: &'a TcpListener,
@@ -36,8 +39,20 @@ impl<'a> Transport<'a> {
     }
 
     pub fn accept(&mut self) -> io::Result<Socket> {
-        let (stream, _) = try!(self.inner.accept());
+        let (stream, _) = self.inner.accept()?;
         Ok(Socket { inner: stream })
+    }
+}
+
+/// Decides how the accept loop reacts to an `accept` error.
+pub fn accept_backoff(err: &io::Error) -> Backoff {
+    match err.kind() {
+        io::ErrorKind::Interrupted => Backoff::quiet(None),
+        io::ErrorKind::WouldBlock => Backoff::quiet(Some(Duration::from_millis(10))),
+        io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::TimedOut => Backoff::logged(None),
+        _ => Backoff::logged(Some(Duration::from_millis(100))),
     }
 }
 
@@ -46,23 +61,37 @@ pub struct Socket {
 }
 
 impl Socket {
+    /// Draining on drop is only implemented on Unix.
+    pub fn set_drain(&mut self, _drain: bool) {}
+
+    /// Sets the read and write timeouts. `None` or zero disables them.
+    pub fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        let timeout = timeout.filter(|d| *d > Duration::ZERO);
+        self.inner.set_read_timeout(timeout)?;
+        self.inner.set_write_timeout(timeout)
+    }
+
     pub fn peer(&self) -> io::Result<String> {
-        match try!(self.inner.peer_addr()) {
+        match self.inner.peer_addr()? {
             SocketAddr::V4(addr) => Ok(addr.ip().to_string()),
             SocketAddr::V6(addr) => Ok(addr.ip().to_string()),
         }
     }
 }
 
-impl<'a> Read for &'a Socket {
+impl Read for &Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         (&self.inner).read(buf)
     }
 }
 
-impl<'a> Write for &'a Socket {
+impl Write for &Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         (&self.inner).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        (&self.inner).write_vectored(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -79,6 +108,10 @@ impl Read for Socket {
 impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         (&*self).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        (&*self).write_vectored(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
