@@ -1,0 +1,170 @@
+//! `kiwispray-fcgi`: the boot service. Speaks FastCGI on a listening socket
+//! passed as fd 0 (spawn-fcgi, systemd with `StandardInput=socket`), on
+//! systemd's `LISTEN_FDS` socket, or on one it binds itself (`--bind`); or
+//! answers a single CGI request when run by a web server as CGI.
+
+use clap::Parser;
+use kiwispray::api::Service;
+use kiwispray::config::Config;
+use kiwispray::fcgi;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kiwispray-fcgi",
+    version,
+    about = "KIWIspray boot service (FastCGI or CGI)",
+    long_about = "Answers /bootstrap, /post-install, /finish, /state, /update and /hosts \
+                  behind a web server.\n\nWith no --bind it serves FastCGI on the listening \
+                  socket passed as fd 0 (or systemd's LISTEN_FDS); run by a web server as CGI \
+                  (GATEWAY_INTERFACE set, no socket on fd 0) it answers one request."
+)]
+struct Args {
+    /// Deployment root (templates/, images/, known_hosts.json).
+    #[arg(long, env = "KIWISPRAY_ROOT", default_value = ".")]
+    root: PathBuf,
+    /// Settings file (default: <root>/kiwispray.json if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Register new machines in state `discover,new`.
+    #[arg(long)]
+    discover: bool,
+    /// Bind a socket instead of using fd 0: `unix:/path/to.sock` or `HOST:PORT`.
+    #[arg(long, value_name = "ADDRESS")]
+    bind: Option<String>,
+    /// Permissions of a Unix socket created by --bind (octal).
+    #[arg(long, default_value = "660", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Most FastCGI connections served at once; more get 503 and Retry-After.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Answer one CGI request even if fd 0 is a socket.
+    #[arg(long)]
+    cgi: bool,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8).map_err(|_| format!("{s:?} is not an octal mode"))
+}
+
+enum Listener {
+    Unix(std::os::unix::net::UnixListener),
+    Tcp(std::net::TcpListener),
+    Inherited(RawFd),
+}
+
+impl Listener {
+    fn fd(&self) -> RawFd {
+        match self {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Inherited(fd) => *fd,
+        }
+    }
+}
+
+fn bind(address: &str, mode: u32) -> Result<Listener, String> {
+    if let Some(path) = address.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if meta.file_type().is_socket() {
+                // A stale socket from an earlier run.
+                let _ = std::fs::remove_file(&path);
+            } else {
+                return Err(format!("{} exists and is not a socket", path.display()));
+            }
+        }
+        let l = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot set permissions of {}: {e}", path.display()))?;
+        Ok(Listener::Unix(l))
+    } else {
+        let l = std::net::TcpListener::bind(address)
+            .map_err(|e| format!("cannot bind {address}: {e}"))?;
+        Ok(Listener::Tcp(l))
+    }
+}
+
+/// Whether `fd` is an open socket.
+fn is_socket(fd: RawFd) -> bool {
+    // Borrow the descriptor without closing it afterwards.
+    let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    file.metadata()
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
+/// The socket systemd passed with `LISTEN_FDS`, if it is meant for us.
+fn systemd_socket() -> Option<RawFd> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    (pid == std::process::id() && fds >= 1 && is_socket(3)).then_some(3)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(&args.root, args.config.as_deref()) {
+        Ok(mut c) => {
+            c.discover |= args.discover;
+            if let Some(m) = args.max_connections {
+                c.max_connections = m.clamp(1, 4096);
+            }
+            c
+        }
+        Err(e) => {
+            eprintln!("kiwispray-fcgi: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cgi = args.cgi
+        || (args.bind.is_none()
+            && std::env::var_os("GATEWAY_INTERFACE").is_some()
+            && !is_socket(0));
+    let service = Service::new(config);
+    if cgi {
+        return match fcgi::serve_cgi(&service) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiwispray-fcgi: cannot write the CGI response: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let listener = match &args.bind {
+        Some(a) => match bind(a, args.socket_mode) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("kiwispray-fcgi: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => match systemd_socket() {
+            Some(fd) => Listener::Inherited(fd),
+            None if is_socket(0) => Listener::Inherited(0),
+            None => {
+                eprintln!(
+                    "kiwispray-fcgi: no listening socket on fd 0; use --bind unix:/path or \
+                     HOST:PORT, start it with spawn-fcgi or systemd socket activation, \
+                     or run it as CGI"
+                );
+                return ExitCode::from(2);
+            }
+        },
+    };
+    eprintln!(
+        "kiwispray-fcgi: serving {} (database {}, discover {}, at most {} connections)",
+        service.config.root.display(),
+        service.store.path().display(),
+        if service.config.discover { "on" } else { "off" },
+        service.config.max_connections
+    );
+    let max = service.config.max_connections;
+    fcgi::serve_fastcgi(Arc::new(service), listener.fd(), max);
+    drop(listener);
+    ExitCode::SUCCESS
+}

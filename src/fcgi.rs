@@ -1,0 +1,138 @@
+//! The adapters between a web server and [`crate::api`]: FastCGI (on a
+//! listening socket passed as fd 0 by spawn-fcgi or systemd, or bound by the
+//! handler itself) and plain CGI (one request from the environment and
+//! stdin). Both build the same [`Request`] and write the same CGI response.
+//!
+//! A panic while answering a request is caught and answered with a 500; the
+//! other requests go on.
+
+use crate::api::{self, Request, Response, Service, MAX_BODY};
+use std::io::{Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+/// Builds a request from CGI-style variables and a body reader.
+pub fn request_from(
+    var: impl Fn(&str) -> Option<String>,
+    body: &mut dyn Read,
+) -> Result<Request, Response> {
+    let get = |k: &str| var(k).unwrap_or_default();
+    let script = get("SCRIPT_NAME");
+    let path_info = get("PATH_INFO");
+    let path = if !path_info.is_empty() {
+        format!("{script}{path_info}")
+    } else if !get("DOCUMENT_URI").is_empty() {
+        get("DOCUMENT_URI")
+    } else if !script.is_empty() {
+        script
+    } else {
+        get("REQUEST_URI").split('?').next().unwrap_or("").to_string()
+    };
+    let mut req = Request {
+        method: get("REQUEST_METHOD").to_ascii_uppercase(),
+        path,
+        query: get("QUERY_STRING"),
+        body: Vec::new(),
+        content_type: get("CONTENT_TYPE"),
+        remote: get("REMOTE_ADDR"),
+        host_header: get("HTTP_HOST"),
+        server_addr: get("SERVER_ADDR"),
+        server_port: get("SERVER_PORT"),
+    };
+    if req.query.contains('\u{FFFD}') {
+        return Err(Response::error(400, "query string is not valid UTF-8"));
+    }
+    let length = get("CONTENT_LENGTH");
+    let length: usize = if length.trim().is_empty() {
+        0
+    } else {
+        length
+            .trim()
+            .parse()
+            .map_err(|_| Response::error(400, "bad Content-Length"))?
+    };
+    if length > MAX_BODY {
+        return Err(Response::error(
+            413,
+            format!("body of {length} bytes is larger than {MAX_BODY}"),
+        ));
+    }
+    if length > 0 {
+        let mut buf = Vec::with_capacity(length);
+        body.take(length as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| Response::error(400, format!("cannot read the request body: {e}")))?;
+        req.body = buf;
+    }
+    Ok(req)
+}
+
+/// Answers a request, turning a panic into a 500.
+pub fn answer(service: &Service, req: &Request) -> Response {
+    match catch_unwind(AssertUnwindSafe(|| service.handle(req))) {
+        Ok(r) => r,
+        Err(_) => {
+            api::log(&format!(
+                "internal error answering {} {}; see the message above",
+                req.method, req.path
+            ));
+            Response::error(500, "internal error; the request was not carried out")
+        }
+    }
+}
+
+/// The CGI variables the service reads.
+const VARS: &[&str] = &[
+    "SCRIPT_NAME",
+    "PATH_INFO",
+    "DOCUMENT_URI",
+    "REQUEST_URI",
+    "REQUEST_METHOD",
+    "QUERY_STRING",
+    "CONTENT_TYPE",
+    "CONTENT_LENGTH",
+    "REMOTE_ADDR",
+    "HTTP_HOST",
+    "SERVER_ADDR",
+    "SERVER_PORT",
+];
+
+/// Serves FastCGI on a listening socket until the process is killed.
+pub fn serve_fastcgi(
+    service: Arc<Service>,
+    listener: std::os::unix::io::RawFd,
+    max_connections: usize,
+) {
+    let limits = fastcgi::Limits {
+        max_connections,
+        ..fastcgi::Limits::default()
+    };
+    fastcgi::run_raw_with(
+        move |mut r: fastcgi::Request| {
+            let vars: Vec<(&str, String)> = VARS
+                .iter()
+                .filter_map(|k| r.param(k).map(|v| (*k, v)))
+                .collect();
+            let lookup = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+            let response = match request_from(lookup, &mut r.stdin()) {
+                Ok(req) => answer(&service, &req),
+                Err(resp) => resp,
+            };
+            let _ = r.stdout().write_all(&response.to_cgi());
+        },
+        listener,
+        limits,
+    );
+}
+
+/// Answers one CGI request from the environment and stdin on stdout.
+pub fn serve_cgi(service: &Service) -> std::io::Result<()> {
+    let mut stdin = std::io::stdin().lock();
+    let response = match request_from(|k| std::env::var(k).ok(), &mut stdin) {
+        Ok(req) => answer(service, &req),
+        Err(resp) => resp,
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(&response.to_cgi())?;
+    out.flush()
+}

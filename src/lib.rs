@@ -1,0 +1,23 @@
+//! KIWIspray deploys KIWI-built operating-system images to bare-metal
+//! machines over iPXE. This library holds everything but the two thin
+//! binaries: `kiwispray-fcgi` (the boot service behind a web server) and
+//! `kiwispray-hosts` (the operator's CLI).
+//!
+//! - [`identity`]: MACs, serials and UUIDs a machine is recognised by;
+//! - [`hosts`]: the host database in memory and its file format;
+//! - [`store`]: the locked, atomic load/save path shared by handler and CLI;
+//! - [`events`]: the append-only event log;
+//! - [`lifecycle`]: what a machine boots next, as pure functions;
+//! - [`render`]: `@name@` templates rendered with tinytemplate;
+//! - [`api`]: the HTTP paths; [`fcgi`]: the FastCGI and CGI adapters;
+//! - [`config`]: deployment settings.
+
+pub mod api;
+pub mod config;
+pub mod events;
+pub mod fcgi;
+pub mod hosts;
+pub mod identity;
+pub mod lifecycle;
+pub mod render;
+pub mod store;

@@ -1,0 +1,466 @@
+//! Templates: the seed's `@name@` placeholders, rendered with `tinytemplate`
+//! so that iPXE and shell syntax (`${var}`, `{a,b}`, functions) pass through
+//! untouched and values are inserted verbatim, never HTML-escaped.
+//!
+//! A placeholder is `@path@` or `@path|filter@`, where `path` is a name or a
+//! dotted path into nested objects (`@metadata.net.vlan@`) and `filter` is
+//! one of:
+//!
+//! - `raw` (the default): the value as it is;
+//! - `shell`: one shell word in single quotes, safe to paste into `sh`;
+//! - `url`: percent-encoded, safe inside a URL query or path segment;
+//! - `json`: a JSON literal.
+//!
+//! A placeholder whose value does not exist (or is `null`) stays literally
+//! in place, so templates can test for it. An `@` that does not start a
+//! placeholder is plain text. A placeholder naming an unknown filter is an
+//! error reported with the file's line and column.
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tinytemplate::TinyTemplate;
+
+/// How a value is written into the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    Raw,
+    Shell,
+    Url,
+    Json,
+}
+
+impl Filter {
+    fn name(self) -> &'static str {
+        match self {
+            Filter::Raw => "raw",
+            Filter::Shell => "shell",
+            Filter::Url => "url",
+            Filter::Json => "json",
+        }
+    }
+}
+
+/// A piece of a parsed template.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Segment {
+    Text(String),
+    Placeholder {
+        /// The text as written, `@name|filter@`, kept for missing values.
+        written: String,
+        path: Vec<String>,
+        filter: Filter,
+    },
+}
+
+/// Why a template cannot be used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "template {}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for TemplateError {}
+
+/// A parsed template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    pub path: PathBuf,
+    pub segments: Vec<Segment>,
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+impl Template {
+    /// Parses template text. `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Template, TemplateError> {
+        let mut segments = Vec::new();
+        let mut text_start = 0;
+        let mut i = 0;
+        let bytes = text.as_bytes();
+        while i < bytes.len() {
+            if bytes[i] != b'@' {
+                i += 1;
+                continue;
+            }
+            let rest = &text[i + 1..];
+            let name_len = rest.find(|c: char| !is_name_char(c)).unwrap_or(rest.len());
+            let name = &rest[..name_len];
+            let valid_name = !name.is_empty()
+                && !name.starts_with('.')
+                && !name.ends_with('.')
+                && !name.contains("..");
+            if !valid_name {
+                i += 1;
+                continue;
+            }
+            let after = &rest[name_len..];
+            let (filter, consumed) = if let Some(f) = after.strip_prefix('|') {
+                let flen = f.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(f.len());
+                if !f[flen..].starts_with('@') || flen == 0 {
+                    i += 1;
+                    continue;
+                }
+                let filter = match &f[..flen] {
+                    "raw" => Filter::Raw,
+                    "shell" => Filter::Shell,
+                    "url" => Filter::Url,
+                    "json" => Filter::Json,
+                    other => {
+                        let (line, column) = position(text, i);
+                        return Err(TemplateError {
+                            path: path.to_path_buf(),
+                            line,
+                            column,
+                            message: format!(
+                                "unknown filter {other:?} in @{name}|{other}@ \
+                                 (known: raw, shell, url, json)"
+                            ),
+                        });
+                    }
+                };
+                (filter, 1 + flen + 1)
+            } else if after.starts_with('@') {
+                (Filter::Raw, 1)
+            } else {
+                i += 1;
+                continue;
+            };
+            if text_start < i {
+                segments.push(Segment::Text(text[text_start..i].to_string()));
+            }
+            let end = i + 1 + name_len + consumed;
+            segments.push(Segment::Placeholder {
+                written: text[i..end].to_string(),
+                path: name.split('.').map(str::to_string).collect(),
+                filter,
+            });
+            i = end;
+            text_start = end;
+        }
+        if text_start < text.len() {
+            segments.push(Segment::Text(text[text_start..].to_string()));
+        }
+        let template = Template {
+            path: path.to_path_buf(),
+            segments,
+        };
+        // Compile once now so that any problem shows at load time.
+        template.render(&Value::Null).map_err(|message| TemplateError {
+            path: path.to_path_buf(),
+            line: 1,
+            column: 1,
+            message,
+        })?;
+        Ok(template)
+    }
+
+    /// Renders the template with the values in `context` (a JSON object).
+    pub fn render(&self, context: &Value) -> Result<String, String> {
+        let mut source = String::new();
+        let mut values: Vec<Value> = Vec::new();
+        let push_value = |source: &mut String, values: &mut Vec<Value>, v: Value, f: Filter| {
+            source.push_str(&format!("{{ v.{} | {} }}", values.len(), f.name()));
+            values.push(v);
+        };
+        for seg in &self.segments {
+            let (text, value) = match seg {
+                Segment::Text(t) => (t.as_str(), None),
+                Segment::Placeholder {
+                    written,
+                    path,
+                    filter,
+                } => match lookup(context, path) {
+                    Some(v) => ("", Some((v.clone(), *filter))),
+                    None => (written.as_str(), None),
+                },
+            };
+            if !text.is_empty() {
+                // tinytemplate reads every `{`; `\{` is its literal brace.
+                // A backslash that ends a text run would escape the value
+                // tag after it, so it is passed as a value instead.
+                let (body, trailing_backslash) = match text.strip_suffix('\\') {
+                    Some(b) => (b, true),
+                    None => (text, false),
+                };
+                source.push_str(&body.replace('{', "\\{"));
+                if trailing_backslash {
+                    push_value(&mut source, &mut values, Value::from("\\"), Filter::Raw);
+                }
+            }
+            if let Some((v, f)) = value {
+                push_value(&mut source, &mut values, v, f);
+            }
+        }
+        let mut tt = TinyTemplate::new();
+        tt.set_default_formatter(&format_raw);
+        tt.add_formatter("raw", format_raw);
+        tt.add_formatter("shell", format_shell);
+        tt.add_formatter("url", format_url);
+        tt.add_formatter("json", format_json);
+        tt.add_template("t", &source)
+            .map_err(|e| format!("cannot compile template: {e}"))?;
+        let ctx = serde_json::json!({ "v": values });
+        tt.render("t", &ctx)
+            .map_err(|e| format!("cannot render template: {e}"))
+    }
+}
+
+fn position(text: &str, byte: usize) -> (usize, usize) {
+    let before = &text[..byte];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Looks up a dotted path; `None` for a missing value or `null`.
+pub fn lookup<'a>(context: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let mut v = context;
+    for step in path {
+        v = match v {
+            Value::Object(m) => m.get(step)?,
+            Value::Array(a) => a.get(step.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    if v.is_null() {
+        None
+    } else {
+        Some(v)
+    }
+}
+
+/// The plain text of a value: strings as they are, everything else as JSON.
+pub fn plain(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn format_raw(value: &Value, out: &mut String) -> tinytemplate::error::Result<()> {
+    out.push_str(&plain(value));
+    Ok(())
+}
+
+fn format_shell(value: &Value, out: &mut String) -> tinytemplate::error::Result<()> {
+    out.push_str(&shell_quote(&plain(value)));
+    Ok(())
+}
+
+fn format_url(value: &Value, out: &mut String) -> tinytemplate::error::Result<()> {
+    out.push_str(&percent_encode(&plain(value)));
+    Ok(())
+}
+
+fn format_json(value: &Value, out: &mut String) -> tinytemplate::error::Result<()> {
+    out.push_str(&value.to_string());
+    Ok(())
+}
+
+/// One POSIX shell word that stands for exactly `s`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Parsed templates, re-read when their file changes.
+#[derive(Default)]
+pub struct Templates {
+    cache: Mutex<HashMap<PathBuf, (FileId, Result<Arc<Template>, TemplateError>)>>,
+}
+
+type FileId = (u64, u64, u64, i64, i64);
+
+impl Templates {
+    /// The template at `path`: `Ok(None)` if there is no such file.
+    pub fn load(&self, path: &Path) -> Result<Option<Arc<Template>>, TemplateError> {
+        let meta = match fs::metadata(path) {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(TemplateError {
+                    path: path.to_path_buf(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read: {e}"),
+                })
+            }
+        };
+        let id = (meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec());
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached_id, result)) = cache.get(path) {
+            if *cached_id == id {
+                return result.clone().map(Some);
+            }
+        }
+        let result = read_template(path).map(Arc::new);
+        cache.insert(path.to_path_buf(), (id, result.clone()));
+        result.map(Some)
+    }
+}
+
+fn read_template(path: &Path) -> Result<Template, TemplateError> {
+    let bytes = fs::read(path).map_err(|e| TemplateError {
+        path: path.to_path_buf(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read: {e}"),
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let text = String::from_utf8_lossy(&e.as_bytes()[..valid]).into_owned();
+        let (line, column) = position(&text, text.len());
+        TemplateError {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: "not valid UTF-8".into(),
+        }
+    })?;
+    Template::parse(path, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn render(text: &str, ctx: Value) -> String {
+        Template::parse(Path::new("t.tmpl"), text)
+            .unwrap()
+            .render(&ctx)
+            .unwrap()
+    }
+
+    #[test]
+    fn ipxe_and_shell_syntax_pass_through() {
+        let text = "#!ipxe\nchain ${base}/x?mac=${net0/mac:hexhyp} || goto fail\n\
+                    f() { echo {a,b} \\{x\\} ; }\nid=@id@ \\@id@ end\\";
+        let out = render(text, json!({"id": 7}));
+        assert_eq!(
+            out,
+            "#!ipxe\nchain ${base}/x?mac=${net0/mac:hexhyp} || goto fail\n\
+             f() { echo {a,b} \\{x\\} ; }\nid=7 \\7 end\\"
+        );
+    }
+
+    #[test]
+    fn values_are_verbatim_not_html_escaped() {
+        let out = render(
+            "k=@v@ n=@n@ b=@b@",
+            json!({"v": "a&b<c>\"'", "n": 3.5, "b": true}),
+        );
+        assert_eq!(out, "k=a&b<c>\"' n=3.5 b=true");
+    }
+
+    #[test]
+    fn missing_values_stay_literal() {
+        let out = render(
+            "[ \"@metadata.role@\" = \"@metadata.role@\" ] && x=@nothing|shell@ @n@",
+            json!({"metadata": {}, "n": null}),
+        );
+        assert_eq!(
+            out,
+            "[ \"@metadata.role@\" = \"@metadata.role@\" ] && x=@nothing|shell@ @n@"
+        );
+    }
+
+    #[test]
+    fn dotted_paths_and_filters() {
+        let ctx = json!({"metadata": {"net": {"vlan": 12, "name": "it's a & b"}, "list": ["x", "y"]}});
+        assert_eq!(render("@metadata.net.vlan@", ctx.clone()), "12");
+        assert_eq!(render("@metadata.list.1@", ctx.clone()), "y");
+        assert_eq!(
+            render("echo @metadata.net.name|shell@", ctx.clone()),
+            "echo 'it'\\''s a & b'"
+        );
+        assert_eq!(
+            render("?n=@metadata.net.name|url@", ctx.clone()),
+            "?n=it%27s%20a%20%26%20b"
+        );
+        assert_eq!(render("@metadata.net|json@", ctx.clone()), "{\"name\":\"it's a & b\",\"vlan\":12}");
+        assert_eq!(render("@metadata.net@", ctx), "{\"name\":\"it's a & b\",\"vlan\":12}");
+    }
+
+    #[test]
+    fn stray_at_signs_are_text() {
+        let ctx = json!({"id": 1});
+        assert_eq!(render("mail root@example.com @ @@ @id", ctx.clone()), "mail root@example.com @ @@ @id");
+        assert_eq!(render("a@id@b@id@", ctx.clone()), "a1b1");
+        assert_eq!(render("x|y @id|@ @.id@", ctx), "x|y @id|@ @.id@");
+    }
+
+    #[test]
+    fn unknown_filter_reports_position() {
+        let err = Template::parse(Path::new("/r/t.tmpl"), "#!ipxe\necho ok\n  x @id|html@").unwrap_err();
+        assert_eq!((err.line, err.column), (3, 5));
+        assert!(err.to_string().starts_with("template /r/t.tmpl:3:5: "), "{err}");
+        assert!(err.message.contains("html"));
+    }
+
+    #[test]
+    fn shell_quote_round_trips_through_sh() {
+        let nasty = "a'b\"c $(rm -rf /) `x` \\ \n;&|";
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote(nasty)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), nasty);
+    }
+
+    #[test]
+    fn template_cache_sees_changes_and_bad_utf8() {
+        let dir = std::env::temp_dir().join(format!("ks-render-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.tmpl");
+        let cache = Templates::default();
+        assert!(cache.load(&p).unwrap().is_none());
+        fs::write(&p, "one @id@").unwrap();
+        assert_eq!(cache.load(&p).unwrap().unwrap().render(&json!({"id": 1})).unwrap(), "one 1");
+        fs::write(&p, "two, longer @id@").unwrap();
+        assert_eq!(
+            cache.load(&p).unwrap().unwrap().render(&json!({"id": 1})).unwrap(),
+            "two, longer 1"
+        );
+        fs::write(&p, b"ok\nab\xffc").unwrap();
+        let err = cache.load(&p).unwrap_err();
+        assert_eq!((err.line, err.column), (2, 3));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
