@@ -1,0 +1,138 @@
+#!/bin/bash
+# Runs the whole KIWIspray stack in the foreground: kiwispray-fcgi behind
+# nginx (with nginx/kiwispray.conf, the same file operators install), and
+# dnsmasq only when an interface is named. Ctrl-C or SIGTERM stops it all.
+#
+# Environment:
+#   PORT=5000        port nginx listens on (all addresses)
+#   ROOT=<checkout>  deployment root; filled from the shipped defaults when it
+#                    lacks templates/, images/ or known_hosts.json
+#   DISCOVER=1       register new machines in discover mode
+#   RUN_DIR=<tmp>    where nginx.conf, logs, pid and the socket go
+#   BIN_DIR=<dir>    where kiwispray-fcgi is (default target/release)
+#   WEB=nginx        the web server (lighttpd if lighttpd/serve.sh exists)
+#   DHCP_IFACE=if    also run dnsmasq (dnsmasq/kiwispray.conf) on that
+#                    interface; DHCP_RANGE=start,end,mask,lease and
+#                    SERVER_IP (default: the interface's first IPv4 address)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+PORT=${PORT:-5000}
+ROOT=${ROOT:-$here}
+BIN_DIR=${BIN_DIR:-$here/target/release}
+WEB=${WEB:-nginx}
+
+say() { echo "kiwispray serve: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+[[ $PORT =~ ^[0-9]+$ ]] && (( PORT > 0 && PORT < 65536 )) || die "PORT=$PORT is not a port number"
+[ -x "$BIN_DIR/kiwispray-fcgi" ] || die "$BIN_DIR/kiwispray-fcgi is missing; run make build"
+if [ "$WEB" = lighttpd ]; then
+    [ -x "$here/lighttpd/serve.sh" ] || die "WEB=lighttpd is not available in this checkout"
+    exec "$here/lighttpd/serve.sh"
+fi
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || die "nginx is not installed (make serve installs it)"
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+# A new root is filled from the shipped defaults; existing files are kept.
+mkdir -p "$ROOT"
+ROOT=$(cd "$ROOT" && pwd)
+if [ "$ROOT" != "$here" ]; then
+    [ -d "$ROOT/templates" ] || { cp -a "$here/templates" "$ROOT/templates"; say "filled $ROOT/templates"; }
+    [ -d "$ROOT/images" ] || { cp -a "$here/images" "$ROOT/images"; say "filled $ROOT/images"; }
+fi
+[ -e "$ROOT/known_hosts.json" ] || { echo '[]' > "$ROOT/known_hosts.json"; say "created $ROOT/known_hosts.json"; }
+
+own_run_dir=
+if [ -z "${RUN_DIR:-}" ]; then
+    RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/kiwispray-serve.XXXXXX")
+    own_run_dir=1
+fi
+mkdir -p "$RUN_DIR/tmp"
+RUN_DIR=$(cd "$RUN_DIR" && pwd)
+chmod 755 "$RUN_DIR"
+sock="$RUN_DIR/fcgi.sock"
+
+pids=()
+stopping=
+stop() {
+    [ -n "$stopping" ] && return
+    stopping=1
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -f "$sock"
+    [ -n "$own_run_dir" ] && rm -rf "$RUN_DIR"
+    say "stopped"
+}
+trap 'stop; exit 0' INT TERM
+trap 'stop' EXIT
+
+# The handler.
+"$BIN_DIR/kiwispray-fcgi" --root "$ROOT" --bind "unix:$sock" --socket-mode 666 \
+    ${DISCOVER:+--discover} &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+[ -S "$sock" ] || die "kiwispray-fcgi did not create $sock"
+
+# nginx, with the shipped server block rewritten for this root, port and socket.
+sed -e "s#/srv/kiwispray#$ROOT#g" \
+    -e "s#unix:/run/kiwispray/fcgi.sock#unix:$sock#" \
+    -e "s#^\(\s*listen\s\+\)5000;#\1$PORT;#" \
+    -e "s#^\(\s*listen\s\+\)\[::\]:5000;#\1[::]:$PORT;#" \
+    -e "s#access_log /var/log/nginx/kiwispray.access.log;#access_log $RUN_DIR/access.log;#" \
+    "$here/nginx/kiwispray.conf" > "$RUN_DIR/kiwispray.conf"
+if [ ! -e /proc/net/if_inet6 ]; then
+    sed -i '/listen\s\+\[::\]/d' "$RUN_DIR/kiwispray.conf"
+fi
+user_line=
+[ "$(id -u)" = 0 ] && user_line="user root;"
+cat > "$RUN_DIR/nginx.conf" <<EOF
+$user_line
+worker_processes 2;
+daemon off;
+pid $RUN_DIR/nginx.pid;
+error_log $RUN_DIR/error.log warn;
+events { worker_connections 4096; }
+http {
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    client_body_temp_path $RUN_DIR/tmp/body;
+    proxy_temp_path $RUN_DIR/tmp/proxy;
+    fastcgi_temp_path $RUN_DIR/tmp/fastcgi;
+    uwsgi_temp_path $RUN_DIR/tmp/uwsgi;
+    scgi_temp_path $RUN_DIR/tmp/scgi;
+    keepalive_requests 100000;
+    include $RUN_DIR/kiwispray.conf;
+}
+EOF
+"$NGINX" -t -q -p "$RUN_DIR" -c "$RUN_DIR/nginx.conf" || die "nginx rejected $RUN_DIR/nginx.conf"
+"$NGINX" -p "$RUN_DIR" -c "$RUN_DIR/nginx.conf" &
+pids+=($!)
+
+# dnsmasq, only on an interface named explicitly.
+if [ -n "${DHCP_IFACE:-}" ]; then
+    command -v dnsmasq >/dev/null || die "dnsmasq is not installed"
+    ip link show "$DHCP_IFACE" >/dev/null 2>&1 || die "no interface $DHCP_IFACE"
+    if [ -z "${SERVER_IP:-}" ]; then
+        SERVER_IP=$(ip -4 -o addr show dev "$DHCP_IFACE" | awk '{sub(/\/.*/, "", $4); print $4; exit}')
+        [ -n "$SERVER_IP" ] || die "$DHCP_IFACE has no IPv4 address; set SERVER_IP"
+    fi
+    conf="$RUN_DIR/dnsmasq.conf"
+    sed -e "s#^interface=.*#interface=$DHCP_IFACE#" \
+        -e "s#192\.168\.100\.1:5000#$SERVER_IP:$PORT#g" \
+        "$here/dnsmasq/kiwispray.conf" > "$conf"
+    [ -n "${DHCP_RANGE:-}" ] && sed -i "s#^dhcp-range=.*#dhcp-range=$DHCP_RANGE#" "$conf"
+    dnsmasq --keep-in-foreground --conf-file="$conf" --pid-file="$RUN_DIR/dnsmasq.pid" \
+        --dhcp-leasefile="$RUN_DIR/dnsmasq.leases" --log-facility="$RUN_DIR/dnsmasq.log" &
+    pids+=($!)
+    say "DHCP on $DHCP_IFACE, bootstrap URL http://$SERVER_IP:$PORT/bootstrap.ipxe"
+fi
+
+say "serving $ROOT on port $PORT (logs in $RUN_DIR); Ctrl-C stops"
+# If any part dies, stop the rest.
+set +e
+wait -n "${pids[@]}"
+status=$?
+say "a component exited (status $status); stopping"
+stop
+exit "$status"
