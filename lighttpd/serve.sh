@@ -1,0 +1,129 @@
+#!/bin/bash
+# Runs the whole KIWIspray stack in the foreground on lighttpd:
+# kiwispray-fcgi behind lighttpd (with lighttpd/kiwispray.conf, the same file
+# operators install), and dnsmasq only when an interface is named. The twin
+# of nginx/serve.sh, which runs this script for WEB=lighttpd. Ctrl-C or
+# SIGTERM stops it all.
+#
+# Environment:
+#   PORT=5000        port lighttpd listens on (all addresses)
+#   ROOT=<checkout>  deployment root; filled from the shipped defaults when it
+#                    lacks templates/, images/ or known_hosts.json
+#   DISCOVER=1       register new machines in discover mode
+#   RUN_DIR=<tmp>    where lighttpd.conf, logs, pid and the socket go
+#   BIN_DIR=<dir>    where kiwispray-fcgi is (default target/release)
+#   DHCP_IFACE=if    also run dnsmasq (dnsmasq/kiwispray.conf) on that
+#                    interface; DHCP_RANGE=start,end,mask,lease and
+#                    SERVER_IP (default: the interface's first IPv4 address)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+PORT=${PORT:-5000}
+ROOT=${ROOT:-$here}
+BIN_DIR=${BIN_DIR:-$here/target/release}
+
+say() { echo "kiwispray serve (lighttpd): $*" >&2; }
+die() { say "$*"; exit 1; }
+
+[[ $PORT =~ ^[0-9]+$ ]] && (( PORT > 0 && PORT < 65536 )) || die "PORT=$PORT is not a port number"
+[ -x "$BIN_DIR/kiwispray-fcgi" ] || die "$BIN_DIR/kiwispray-fcgi is missing; run make build"
+command -v lighttpd >/dev/null || [ -x /usr/sbin/lighttpd ] || die "lighttpd is not installed (apt-get install lighttpd)"
+LIGHTTPD=$(command -v lighttpd || echo /usr/sbin/lighttpd)
+
+# A new root is filled from the shipped defaults; existing files are kept.
+mkdir -p "$ROOT"
+ROOT=$(cd "$ROOT" && pwd)
+if [ "$ROOT" != "$here" ]; then
+    [ -d "$ROOT/templates" ] || { cp -a "$here/templates" "$ROOT/templates"; say "filled $ROOT/templates"; }
+    [ -d "$ROOT/images" ] || { cp -a "$here/images" "$ROOT/images"; say "filled $ROOT/images"; }
+fi
+[ -e "$ROOT/known_hosts.json" ] || { echo '[]' > "$ROOT/known_hosts.json"; say "created $ROOT/known_hosts.json"; }
+
+own_run_dir=
+if [ -z "${RUN_DIR:-}" ]; then
+    RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/kiwispray-serve.XXXXXX")
+    own_run_dir=1
+fi
+mkdir -p "$RUN_DIR/tmp"
+RUN_DIR=$(cd "$RUN_DIR" && pwd)
+chmod 755 "$RUN_DIR"
+sock="$RUN_DIR/fcgi.sock"
+
+pids=()
+stopping=
+stop() {
+    [ -n "$stopping" ] && return
+    stopping=1
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -f "$sock"
+    [ -n "$own_run_dir" ] && rm -rf "$RUN_DIR"
+    say "stopped"
+}
+trap 'stop; exit 0' INT TERM
+trap 'stop' EXIT
+
+# The handler.
+"$BIN_DIR/kiwispray-fcgi" --root "$ROOT" --bind "unix:$sock" --socket-mode 666 \
+    ${DISCOVER:+--discover} &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+[ -S "$sock" ] || die "kiwispray-fcgi did not create $sock"
+
+# lighttpd, with the shipped snippet rewritten for this root, port and socket.
+esc_root=${ROOT//\"/\\\"}
+sed -e "s#^var\.kiwispray_root = .*#var.kiwispray_root = \"$esc_root\"#" \
+    -e "s#^var\.kiwispray_socket = .*#var.kiwispray_socket = \"$sock\"#" \
+    -e "s#:5000\"#:$PORT\"#g" \
+    -e "s#:5000\\$\"#:$PORT\$\"#" \
+    -e "s#/var/log/lighttpd/kiwispray.access.log#$RUN_DIR/access.log#" \
+    "$here/lighttpd/kiwispray.conf" > "$RUN_DIR/kiwispray.conf"
+grep -q "^var.kiwispray_socket = \"$sock\"" "$RUN_DIR/kiwispray.conf" \
+    || die "cannot rewrite lighttpd/kiwispray.conf for this run"
+if [ ! -e /proc/net/if_inet6 ]; then
+    sed -i '/^\$SERVER\["socket"\] == "\[::\]/d' "$RUN_DIR/kiwispray.conf"
+fi
+# The main configuration's own socket is a Unix socket in RUN_DIR, so that
+# only the snippet's $SERVER["socket"] blocks listen on the network.
+cat > "$RUN_DIR/lighttpd.conf" <<EOF2
+server.document-root = "$RUN_DIR/tmp"
+server.bind = "$RUN_DIR/main.sock"
+server.pid-file = "$RUN_DIR/lighttpd.pid"
+server.errorlog = "$RUN_DIR/error.log"
+server.upload-dirs = ( "$RUN_DIR/tmp" )
+server.max-connections = 4096
+server.max-keep-alive-requests = 100000
+mimetype.assign = ( ".html" => "text/html", "" => "application/octet-stream" )
+include "$RUN_DIR/kiwispray.conf"
+EOF2
+"$LIGHTTPD" -tt -f "$RUN_DIR/lighttpd.conf" || die "lighttpd rejected $RUN_DIR/lighttpd.conf"
+"$LIGHTTPD" -D -f "$RUN_DIR/lighttpd.conf" &
+pids+=($!)
+
+# dnsmasq, only on an interface named explicitly.
+if [ -n "${DHCP_IFACE:-}" ]; then
+    command -v dnsmasq >/dev/null || die "dnsmasq is not installed"
+    ip link show "$DHCP_IFACE" >/dev/null 2>&1 || die "no interface $DHCP_IFACE"
+    if [ -z "${SERVER_IP:-}" ]; then
+        SERVER_IP=$(ip -4 -o addr show dev "$DHCP_IFACE" | awk '{sub(/\/.*/, "", $4); print $4; exit}')
+        [ -n "$SERVER_IP" ] || die "$DHCP_IFACE has no IPv4 address; set SERVER_IP"
+    fi
+    conf="$RUN_DIR/dnsmasq.conf"
+    sed -e "s#^interface=.*#interface=$DHCP_IFACE#" \
+        -e "s#192\.168\.100\.1:5000#$SERVER_IP:$PORT#g" \
+        "$here/dnsmasq/kiwispray.conf" > "$conf"
+    [ -n "${DHCP_RANGE:-}" ] && sed -i "s#^dhcp-range=.*#dhcp-range=$DHCP_RANGE#" "$conf"
+    dnsmasq --keep-in-foreground --conf-file="$conf" --pid-file="$RUN_DIR/dnsmasq.pid" \
+        --dhcp-leasefile="$RUN_DIR/dnsmasq.leases" --log-facility="$RUN_DIR/dnsmasq.log" &
+    pids+=($!)
+    say "DHCP on $DHCP_IFACE, bootstrap URL http://$SERVER_IP:$PORT/bootstrap.ipxe"
+fi
+
+say "serving $ROOT on port $PORT (logs in $RUN_DIR); Ctrl-C stops"
+# If any part dies, stop the rest.
+set +e
+wait -n "${pids[@]}"
+status=$?
+say "a component exited (status $status); stopping"
+stop
+exit "$status"
