@@ -9,10 +9,13 @@ APT_GET = DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
 # Debian packages per purpose.
 SERVE_PKGS = nginx
-TEST_PKGS = nginx curl dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2
+TEST_PKGS = nginx curl dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 \
+	lighttpd rpm systemd git
+RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 
-.PHONY: all build serve test test-unit test-e2e lint fmt bench deps-build deps-serve deps-test deps-bench clean
+.PHONY: all build serve test test-unit test-e2e lint fmt bench deps-build deps-serve deps-test deps-bench clean \
+	rpm deps-rpm install
 
 all: build
 
@@ -69,3 +72,98 @@ bench: deps-bench build
 
 clean:
 	$(CARGO) clean
+
+# Install layout (FHS). `make install DESTDIR=... PREFIX=...` is what the
+# RPM's %install runs; by hand, `make build && sudo make install` (PREFIX
+# /usr/local) followed by `systemd-sysusers` and `systemd-tmpfiles --create`.
+# Files an operator edits (configs, the database, the deployment templates)
+# are installed only where they do not exist yet. The shipped templates go
+# to $(DATADIR)/kiwispray/templates (pristine, replaced on update) and are
+# copied once to $(SRVDIR)/templates (the deployment's own); man pages and
+# docs are installed where this tree has them.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+DATADIR ?= $(PREFIX)/share
+MANDIR ?= $(DATADIR)/man
+DOCDIR ?= $(DATADIR)/doc/kiwispray
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+SRVDIR ?= /srv/kiwispray
+BIN_DIR ?= target/release
+
+# Copies $(1) to $(2) with mode $(3) unless $(2) exists.
+define install_new
+	@if [ -e "$(2)" ] || [ -L "$(2)" ]; then echo "kept $(2)"; else install -m $(3) "$(1)" "$(2)"; fi
+endef
+
+install:
+	@for b in kiwispray-fcgi kiwispray-hosts; do \
+		[ -x "$(BIN_DIR)/$$b" ] || { echo "$(BIN_DIR)/$$b is missing; run make build first" >&2; exit 1; }; done
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) \
+		$(DESTDIR)$(DATADIR)/kiwispray/templates $(DESTDIR)$(DATADIR)/kiwispray/lighttpd \
+		$(DESTDIR)$(DOCDIR) $(DESTDIR)$(SYSCONFDIR)/kiwispray/dnsmasq \
+		$(DESTDIR)$(SYSCONFDIR)/nginx/conf.d $(DESTDIR)$(SYSCONFDIR)/lighttpd/conf.d \
+		$(DESTDIR)$(SRVDIR)/images $(DESTDIR)$(SRVDIR)/templates
+	install -m 0755 $(BIN_DIR)/kiwispray-fcgi $(BIN_DIR)/kiwispray-hosts $(DESTDIR)$(BINDIR)/
+	sed 's#/usr/bin/kiwispray-fcgi#$(BINDIR)/kiwispray-fcgi#; s#/srv/kiwispray#$(SRVDIR)#g; s#/etc/kiwispray#$(SYSCONFDIR)/kiwispray#g' \
+		systemd/kiwispray-fcgi.service > $(DESTDIR)$(UNITDIR)/kiwispray-fcgi.service
+	install -m 0644 systemd/kiwispray-fcgi.socket $(DESTDIR)$(UNITDIR)/
+	sed 's#/srv/kiwispray#$(SRVDIR)#g' systemd/kiwispray.sysusers > $(DESTDIR)$(SYSUSERSDIR)/kiwispray.conf
+	sed 's#/srv/kiwispray#$(SRVDIR)#g' systemd/kiwispray.tmpfiles > $(DESTDIR)$(TMPFILESDIR)/kiwispray.conf
+	chmod 0644 $(DESTDIR)$(UNITDIR)/kiwispray-fcgi.service $(DESTDIR)$(SYSUSERSDIR)/kiwispray.conf \
+		$(DESTDIR)$(TMPFILESDIR)/kiwispray.conf
+	cp -P templates/* $(DESTDIR)$(DATADIR)/kiwispray/templates/
+	@for f in templates/*; do t=$(DESTDIR)$(SRVDIR)/templates/$${f#templates/}; \
+		if [ -e "$$t" ] || [ -L "$$t" ]; then echo "kept $$t"; else cp -P "$$f" "$$t"; fi; done
+	sed 's#/srv/kiwispray#$(SRVDIR)#g; s#/usr/bin/kiwispray-fcgi#$(BINDIR)/kiwispray-fcgi#' \
+		lighttpd/kiwispray-cgi.conf > $(DESTDIR)$(DATADIR)/kiwispray/lighttpd/kiwispray-cgi.conf
+	@[ -e $(DESTDIR)$(SRVDIR)/known_hosts.json ] || { printf '[]\n' > $(DESTDIR)$(SRVDIR)/known_hosts.json; \
+		chmod 0640 $(DESTDIR)$(SRVDIR)/known_hosts.json; }
+	@[ -e $(DESTDIR)$(SRVDIR)/kiwispray.json ] || [ -L $(DESTDIR)$(SRVDIR)/kiwispray.json ] || \
+		ln -s $(SYSCONFDIR)/kiwispray/kiwispray.json $(DESTDIR)$(SRVDIR)/kiwispray.json
+	@[ -e $(DESTDIR)$(SYSCONFDIR)/kiwispray/kiwispray.json ] || \
+		printf '{\n  "discover": false,\n  "placeholder_serials": [],\n  "placeholder_uuids": [],\n  "max_connections": 64\n}\n' \
+		> $(DESTDIR)$(SYSCONFDIR)/kiwispray/kiwispray.json
+	$(call install_new,dnsmasq/kiwispray.conf,$(DESTDIR)$(SYSCONFDIR)/kiwispray/dnsmasq/kiwispray.conf,0644)
+	$(call install_new,dnsmasq/kiwispray-proxy.conf,$(DESTDIR)$(SYSCONFDIR)/kiwispray/dnsmasq/kiwispray-proxy.conf,0644)
+	@sed 's#/srv/kiwispray#$(SRVDIR)#g' nginx/kiwispray.conf > $(DESTDIR)$(SYSCONFDIR)/nginx/conf.d/kiwispray.conf.new
+	@sed 's#/srv/kiwispray#$(SRVDIR)#g' lighttpd/kiwispray.conf > $(DESTDIR)$(SYSCONFDIR)/lighttpd/conf.d/kiwispray.conf.new
+	@for f in $(DESTDIR)$(SYSCONFDIR)/nginx/conf.d/kiwispray.conf $(DESTDIR)$(SYSCONFDIR)/lighttpd/conf.d/kiwispray.conf; do \
+		if [ -e "$$f" ]; then echo "kept $$f (the new version is $$f.new)"; else mv "$$f.new" "$$f"; fi; done
+	@for f in man/*.1 man/*.8; do [ -e "$$f" ] || continue; s=$${f##*.}; \
+		install -d $(DESTDIR)$(MANDIR)/man$$s && install -m 0644 "$$f" $(DESTDIR)$(MANDIR)/man$$s/; done
+	@for f in README.md images/README.md; do [ -e "$$f" ] || continue; \
+		install -m 0644 "$$f" $(DESTDIR)$(DOCDIR)/$$(echo "$$f" | tr / -); done
+
+# The source and binary RPMs, built with rpmbuild from `git archive HEAD`
+# plus the crates.io dependencies vendored with `cargo vendor` (the build
+# itself runs offline). They land under target/rpm/.
+RPM_TOPDIR = $(CURDIR)/target/rpm
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+
+deps-rpm: deps-build
+	@command -v rpmbuild >/dev/null 2>&1 || { echo "installing $(RPM_PKGS) (for rpmbuild)"; \
+		$(APT_GET) update >/dev/null && $(APT_GET) install --no-install-recommends $(RPM_PKGS); }
+
+rpm: deps-rpm
+	@v=$$(git show HEAD:kiwispray.spec | sed -n 's/^Version: *//p'); [ "$$v" = "$(VERSION)" ] || \
+		{ echo "kiwispray.spec (at HEAD) has Version $$v but Cargo.toml has $(VERSION)" >&2; exit 1; }
+	@git diff --quiet HEAD -- . 2>/dev/null || echo "note: the RPM is built from HEAD; uncommitted changes are not in it"
+	rm -rf $(RPM_TOPDIR)/SOURCES $(RPM_TOPDIR)/RPMS $(RPM_TOPDIR)/SRPMS $(RPM_TOPDIR)/BUILD \
+		$(RPM_TOPDIR)/BUILDROOT $(RPM_TOPDIR)/tree
+	mkdir -p $(RPM_TOPDIR)/SOURCES $(RPM_TOPDIR)/tree
+	git archive --format=tar.gz --prefix=kiwispray-$(VERSION)/ \
+		-o $(RPM_TOPDIR)/SOURCES/kiwispray-$(VERSION).tar.gz HEAD
+	tar -xzf $(RPM_TOPDIR)/SOURCES/kiwispray-$(VERSION).tar.gz -C $(RPM_TOPDIR)/tree
+	cd $(RPM_TOPDIR)/tree/kiwispray-$(VERSION) && \
+		{ $(CARGO) vendor --offline --locked --versioned-dirs cargo-vendor >/dev/null 2>&1 || \
+		  $(CARGO) vendor --locked --versioned-dirs cargo-vendor >/dev/null; }
+	tar -czf $(RPM_TOPDIR)/SOURCES/kiwispray-$(VERSION)-vendor.tar.gz \
+		-C $(RPM_TOPDIR)/tree/kiwispray-$(VERSION) cargo-vendor
+	rpmbuild --nodeps --define "_topdir $(RPM_TOPDIR)" \
+		--define "cargo_target_dir $(RPM_TOPDIR)/cargo-target" \
+		-ba $(RPM_TOPDIR)/tree/kiwispray-$(VERSION)/kiwispray.spec
+	@for f in $(RPM_TOPDIR)/SRPMS/*.rpm $(RPM_TOPDIR)/RPMS/*/*.rpm; do echo "built $$f"; done
