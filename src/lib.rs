@@ -11,13 +11,16 @@
 //! - [`render`]: `@name@` templates rendered with tinytemplate;
 //! - [`api`]: the HTTP paths; [`fcgi`]: the FastCGI and CGI adapters;
 //! - [`config`]: deployment settings.
+//! - [`cli`]: the `kiwispray-hosts` commands; [`images`]: KIWI image and live ISO import.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod events;
 pub mod fcgi;
 pub mod hosts;
 pub mod identity;
+pub mod images;
 pub mod lifecycle;
 pub mod render;
 pub mod store;

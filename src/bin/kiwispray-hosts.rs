@@ -1,5 +1,6 @@
-//! `kiwispray-hosts`: the operator's CLI (being written).
-fn main() {
-    eprintln!("kiwispray-hosts: not built yet");
-    std::process::exit(2);
+//! `kiwispray-hosts`: the operator's CLI. Everything is in
+//! [`kiwispray::cli`]; this only hands it the command line.
+
+fn main() -> std::process::ExitCode {
+    kiwispray::cli::run(std::env::args_os().collect())
 }

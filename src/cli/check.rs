@@ -1,0 +1,430 @@
+//! `kiwispray-hosts check`: validates a deployment root and lists every
+//! problem it finds, so an operator learns about a broken template or a
+//! half-copied image before a machine boots into it. It reads the database
+//! file itself (not through the store, which stops at the first error) and
+//! looks at every template and image directory.
+
+use super::{json_text, out, CheckArgs, Ctx, Exit, Result};
+use crate::hosts::{keys_of, Host, Key, STATE_FINISHED, STATE_NEW};
+use crate::identity::parse_mac_list;
+use crate::images::{verify_image, Checksum};
+use crate::render::Templates;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// What a check found.
+#[derive(Default)]
+struct Report {
+    problems: Vec<String>,
+    hosts: usize,
+    images: usize,
+    templates: usize,
+}
+
+impl Report {
+    fn problem(&mut self, p: impl Into<String>) {
+        self.problems.push(p.into());
+    }
+}
+
+pub fn check(ctx: &Ctx, a: &CheckArgs) -> Result<Exit> {
+    let mut r = Report::default();
+    let hosts = check_database(ctx, &mut r);
+    check_templates(ctx, &mut r);
+    check_states(ctx, &hosts, &mut r);
+    check_images(ctx, a.deep, &mut r);
+    if a.json {
+        out(&json_text(&json!({
+            "ok": r.problems.is_empty(),
+            "problems": r.problems,
+            "hosts": r.hosts,
+            "images": r.images,
+            "templates": r.templates,
+        })))?;
+    } else {
+        let mut s = String::new();
+        for p in &r.problems {
+            s.push_str(&format!("problem: {p}\n"));
+        }
+        s.push_str(&format!(
+            "{}: {} hosts, {} images, {} templates checked{}\n",
+            if r.problems.is_empty() {
+                "ok".to_string()
+            } else {
+                format!("{} problem(s)", r.problems.len())
+            },
+            r.hosts,
+            r.images,
+            r.templates,
+            if a.deep {
+                ", image checksums verified"
+            } else {
+                ""
+            }
+        ));
+        out(&s)?;
+    }
+    Ok(if r.problems.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Problems
+    })
+}
+
+fn check_database(ctx: &Ctx, r: &mut Report) -> Vec<Host> {
+    let path = &ctx.config.database;
+    let text = match fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            r.problem(format!("cannot read {}: {e}", path.display()));
+            return Vec::new();
+        }
+    };
+    if text.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    let hosts: Vec<Host> = match serde_json::from_slice(&text) {
+        Ok(h) => h,
+        Err(e) => {
+            r.problem(format!(
+                "{} does not parse at line {}, column {}: {}",
+                path.display(),
+                e.line(),
+                e.column(),
+                e.to_string()
+                    .rsplit_once(" at line ")
+                    .map_or(e.to_string(), |(m, _)| m.to_string())
+            ));
+            return Vec::new();
+        }
+    };
+    r.hosts = hosts.len();
+    let mut ids: HashMap<u64, usize> = HashMap::new();
+    for h in &hosts {
+        *ids.entry(h.id).or_default() += 1;
+    }
+    let mut dup: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
+    dup.sort();
+    for (id, n) in dup {
+        r.problem(format!(
+            "host id {id} appears {n} times in {}",
+            path.display()
+        ));
+    }
+    let placeholders = ctx.config.placeholders();
+    let mut owners: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for h in &hosts {
+        let (_, bad) = parse_mac_list(&h.macs);
+        for b in bad {
+            r.problem(format!(
+                "host {}: {b:?} in macs is not a valid MAC address",
+                h.id
+            ));
+        }
+        for k in keys_of(h, &placeholders) {
+            let name = match &k {
+                Key::Mac(m) => format!("MAC {m}"),
+                other => other.to_string(),
+            };
+            let ids = owners.entry(name).or_default();
+            if !ids.contains(&h.id) {
+                ids.push(h.id);
+            }
+        }
+        if keys_of(h, &placeholders).is_empty() {
+            r.problem(format!(
+                "host {}: no MAC, serial or UUID identifies it; it can never be recognised",
+                h.id
+            ));
+        }
+    }
+    for (key, ids) in owners {
+        if ids.len() > 1 {
+            let list: Vec<String> = ids.iter().map(|i| format!("host {i}")).collect();
+            r.problem(format!("{key} belongs to {}", list.join(" and ")));
+        }
+    }
+    hosts
+}
+
+/// The `.tmpl` files of a directory.
+fn tmpl_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "tmpl"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn check_templates(ctx: &Ctx, r: &mut Report) {
+    let tdir = ctx.config.templates_dir();
+    if !tdir.is_dir() {
+        r.problem(format!("{} is missing", tdir.display()));
+        return;
+    }
+    for required in ["bootstrap.ipxe", "new.tmpl", "finished.tmpl"] {
+        if !tdir.join(required).is_file() {
+            r.problem(format!(
+                "{} is missing; the boot service needs it",
+                tdir.join(required).display()
+            ));
+        }
+    }
+    let mut files = tmpl_files(&tdir);
+    if let Ok(rd) = fs::read_dir(ctx.config.images_dir()) {
+        for e in rd.filter_map(|e| e.ok()) {
+            if !e.file_name().to_string_lossy().starts_with('.') && e.path().is_dir() {
+                files.extend(tmpl_files(&e.path()));
+            }
+        }
+    }
+    let templates = Templates::default();
+    for f in files {
+        r.templates += 1;
+        if let Err(e) = templates.load(&f) {
+            r.problem(e.to_string());
+        }
+    }
+}
+
+fn check_states(ctx: &Ctx, hosts: &[Host], r: &mut Report) {
+    let mut missing: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for h in hosts {
+        if h.state.trim().is_empty() {
+            r.problem(format!("host {} has no state", h.id));
+            continue;
+        }
+        for s in h.state.split(',').map(str::trim) {
+            if let Err(e) = crate::lifecycle::check_state_name(s) {
+                r.problem(format!("host {}: {e}", h.id));
+                continue;
+            }
+            if matches!(s, STATE_NEW | STATE_FINISHED) {
+                continue;
+            }
+            if ctx.config.images_dir().join(s).is_dir()
+                || ctx
+                    .config
+                    .templates_dir()
+                    .join(format!("{s}.tmpl"))
+                    .is_file()
+            {
+                continue;
+            }
+            missing.entry(s.to_string()).or_default().push(h.id);
+        }
+    }
+    for (state, ids) in missing {
+        let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        r.problem(format!(
+            "state {state:?} is used by host(s) {} but has neither images/{state}/ nor templates/{state}.tmpl",
+            list.join(", ")
+        ));
+    }
+}
+
+/// The files of image directories a rendered boot script refers to.
+#[derive(Debug, Default, PartialEq)]
+struct Refs {
+    kernels: Vec<String>,
+    initrds: Vec<String>,
+    images: Vec<String>,
+    other: Vec<String>,
+}
+
+/// Substitutes the script's own `set NAME VALUE` variables.
+fn expand(line: &str, vars: &HashMap<String, String>) -> String {
+    let mut s = line.to_string();
+    for (k, v) in vars {
+        s = s.replace(&format!("${{{k}}}"), v);
+    }
+    s
+}
+
+/// The `images/...` path a URL or relative path points to, if any.
+fn image_path(token: &str) -> Option<String> {
+    let t = token.split('?').next().unwrap_or(token);
+    let i = t
+        .find("/images/")
+        .map(|i| i + 1)
+        .or_else(|| t.starts_with("images/").then_some(0))?;
+    let p = &t[i..];
+    (p.len() > "images/".len() && !p.contains("${")).then(|| p.to_string())
+}
+
+fn script_refs(text: &str) -> Refs {
+    let mut refs = Refs::default();
+    let mut vars = HashMap::new();
+    for raw in text.lines() {
+        let line = expand(raw.trim(), &vars);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"set") && words.len() >= 3 {
+            vars.insert(words[1].to_string(), words[2..].join(" "));
+            continue;
+        }
+        let cmd = words.first().copied().unwrap_or("");
+        // The first non-option argument of kernel/initrd is what it loads.
+        let loaded = words.iter().skip(1).find(|w| !w.starts_with("--")).copied();
+        for (i, w) in words.iter().enumerate() {
+            let value = w
+                .split_once('=')
+                .map_or(*w, |(k, v)| if k.contains('/') { w } else { v });
+            let value = value.strip_prefix("live:").unwrap_or(value);
+            let Some(p) = image_path(value) else { continue };
+            if w.starts_with("rd.kiwi.install.image=") {
+                refs.images.push(p);
+            } else if i > 0 && Some(*w) == loaded && matches!(cmd, "kernel" | "chain" | "boot") {
+                refs.kernels.push(p);
+            } else if i > 0 && Some(*w) == loaded && matches!(cmd, "initrd" | "module" | "imgfetch")
+            {
+                refs.initrds.push(p);
+            } else {
+                refs.other.push(p);
+            }
+        }
+    }
+    refs
+}
+
+fn check_images(ctx: &Ctx, deep: bool, r: &mut Report) {
+    let idir = ctx.config.images_dir();
+    let mut entries: Vec<_> = match fs::read_dir(&idir) {
+        Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
+        Err(_) => return,
+    };
+    entries.sort_by_key(|e| e.file_name());
+    let templates = Templates::default();
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".import-") || name.starts_with(".old-") {
+            r.problem(format!(
+                "{} is left over from an interrupted import; remove it",
+                e.path().display()
+            ));
+            continue;
+        }
+        if name.starts_with('.') || !e.path().is_dir() {
+            continue;
+        }
+        r.images += 1;
+        if let Err(msg) = crate::lifecycle::check_state_name(&name) {
+            r.problem(format!("image directory {}: {msg}", e.path().display()));
+            continue;
+        }
+        let candidates = [
+            e.path().join("host.tmpl"),
+            ctx.config.templates_dir().join(format!("{name}.tmpl")),
+            ctx.config.templates_dir().join("known_host.tmpl"),
+        ];
+        let Some(path) = candidates.iter().find(|p| p.is_file()) else {
+            r.problem(format!(
+                "image {name} has no host.tmpl and there is no template to boot it"
+            ));
+            continue;
+        };
+        let Ok(Some(t)) = templates.load(path) else {
+            // Reported by the template check.
+            continue;
+        };
+        let values = json!({"state": name, "chain": name});
+        let text = match t.render(&values) {
+            Ok(t) => t,
+            Err(msg) => {
+                r.problem(format!("{}: {msg}", path.display()));
+                continue;
+            }
+        };
+        let refs = script_refs(&text);
+        let shown = path.display();
+        if refs.kernels.is_empty() && refs.initrds.is_empty() && refs.images.is_empty() {
+            continue;
+        }
+        if refs.kernels.is_empty() {
+            r.problem(format!("{shown} loads no kernel from images/"));
+        }
+        let exists = |p: &str| ctx.config.root.join(p).is_file();
+        for (what, list) in [
+            ("installer kernel", &refs.kernels),
+            ("initrd", &refs.initrds),
+            ("image", &refs.images),
+            ("file", &refs.other),
+        ] {
+            for p in list {
+                if !exists(p) {
+                    r.problem(format!(
+                        "{shown} refers to the {what} {p}, which does not exist"
+                    ));
+                }
+            }
+        }
+        for img in &refs.images {
+            let Some(stem) = img.strip_suffix(".xz") else {
+                r.problem(format!("{shown}: the image URL {img} does not end in .xz"));
+                continue;
+            };
+            if img.matches(".xz").count() > 1 {
+                r.problem(format!(
+                    "{shown}: the image URL {img} contains \".xz\" more than once; the installer would derive wrong URLs"
+                ));
+            }
+            let sums: Vec<String> = ["sha512", "sha256", "md5"]
+                .iter()
+                .map(|x| format!("{stem}.{x}"))
+                .filter(|p| exists(p))
+                .collect();
+            let Some(sum_path) = sums.first() else {
+                r.problem(format!(
+                    "image {img} has no checksum file ({stem}.sha256, .sha512 or .md5)"
+                ));
+                continue;
+            };
+            if !exists(&format!("{stem}.initrd")) && !exists(&format!("{stem}.kernel")) {
+                r.problem(format!(
+                    "image {img}: the installer also fetches {stem}.kernel and {stem}.initrd, which are missing"
+                ));
+            }
+            let sum = match fs::read_to_string(ctx.config.root.join(sum_path)) {
+                Ok(t) => Checksum::parse(sum_path, &t),
+                Err(e) => Err(format!("cannot read {sum_path}: {e}")),
+            };
+            match sum {
+                Err(e) => r.problem(e),
+                Ok(sum) if deep => {
+                    if let Err(e) = verify_image(&ctx.config.root.join(img), &sum, ctx.progress) {
+                        r.problem(e.to_string());
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_of_generated_and_shipped_scripts() {
+        let text = "#!ipxe\nset ks-base http://1.2.3.4:5000/images/x\nimgfree\n\
+                    kernel ${ks-base}/pxeboot.kernel initrd=pxeboot.initrd.xz rd.kiwi.install.image=${ks-base}/x.xz razorurl=http://1.2.3.4:5000/post-install?id=1 || goto f\n\
+                    initrd --name initrd ${ks-base}/pxeboot.initrd.xz || goto f\nboot\n";
+        let r = script_refs(text);
+        assert_eq!(r.kernels, vec!["images/x/pxeboot.kernel"]);
+        assert_eq!(r.initrds, vec!["images/x/pxeboot.initrd.xz"]);
+        assert_eq!(r.images, vec!["images/x/x.xz"]);
+        assert!(r.other.is_empty(), "{:?}", r.other);
+        let live = script_refs(
+            "kernel http://h/images/l/linux initrd=initrd root=live:http://h/images/l/l.iso\n",
+        );
+        assert_eq!(live.other, vec!["images/l/l.iso"]);
+    }
+}

@@ -1,0 +1,1240 @@
+//! Importing KIWI images into a deployment root: recognising the files of
+//! an oem PXE build (all three naming generations KIWI has used), verifying
+//! the image against its checksum file, and writing the `host.tmpl` that
+//! boots the installer; and the same for live ISOs. The CLI calls
+//! [`import_image`] and [`import_live_iso`]; `kiwispray-hosts check` uses
+//! [`Checksum`] and [`verify_image`].
+//!
+//! An import is built in a hidden directory inside `images/` (which the web
+//! server does not serve) and renamed into place only when everything is
+//! there and verified, so a failed import leaves nothing behind and a booting
+//! machine never sees half an image. External tools do the heavy lifting:
+//! `tar` unpacks, `xz` decompresses, `sha256sum`/`sha512sum`/`md5sum` hash,
+//! `xorriso` reads ISOs.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why an import failed. The kind tells the CLI which exit code to use.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImportError {
+    /// The source is not a usable build (missing files, bad checksum, ...).
+    Invalid(String),
+    /// The source does not exist.
+    NotFound(String),
+    /// The image exists and `--force` was not given.
+    Exists(String),
+    /// Reading, writing or running a tool failed.
+    Io(String),
+}
+
+impl fmt::Display for ImportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImportError::Invalid(m)
+            | ImportError::NotFound(m)
+            | ImportError::Exists(m)
+            | ImportError::Io(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ImportError {}
+
+fn io_err(action: impl fmt::Display, e: impl fmt::Display) -> ImportError {
+    ImportError::Io(format!("{action}: {e}"))
+}
+
+/// The naming generation of a KIWI PXE build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    /// Before v9.18.18: `pxeboot.kernel`, `pxeboot.initrd.xz`, `<name>.md5`.
+    Bare,
+    /// v9.18.18 to v9.24.10: `pxeboot.<P>.kernel`, `pxeboot.<P>.initrd.xz`.
+    XzInitrd,
+    /// v9.24.11 and later: `pxeboot.<P>.initrd`, `<P>.config.bootoptions`.
+    Current,
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Generation::Bare => "bare names (kiwi before v9.18.18)",
+            Generation::XzInitrd => "pxeboot.<P>.initrd.xz (kiwi v9.18.18 to v9.24.10)",
+            Generation::Current => "pxeboot.<P>.initrd (kiwi v9.24.11 and later)",
+        })
+    }
+}
+
+/// The files of one KIWI oem PXE build, by their names in the build.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Build {
+    pub generation: Generation,
+    /// `<P>`: `<name>.<arch>-<version>`, or the bare image name.
+    pub prefix: String,
+    /// `<P>.xz`.
+    pub image: String,
+    /// `<P>.sha256`, `<P>.sha512` or `<P>.md5`.
+    pub checksum: String,
+    /// `<P>.append`.
+    pub append: String,
+    /// The kernel iPXE boots.
+    pub installer_kernel: String,
+    /// The initrd iPXE boots.
+    pub installer_initrd: String,
+    /// `<P>.initrd`: the installed system's initrd.
+    pub system_initrd: String,
+    /// `<P>.config.bootoptions`, where the build has one.
+    pub bootoptions: Option<String>,
+}
+
+impl Build {
+    /// Recognises a build among the file names of a directory.
+    pub fn detect(names: &[String]) -> Result<Build, String> {
+        let has = |n: &str| names.iter().any(|x| x == n);
+        let mut appends: Vec<&String> = names.iter().filter(|n| n.ends_with(".append")).collect();
+        appends.sort();
+        let append = match appends.as_slice() {
+            [] => {
+                return Err("no <name>.append file: this is not a KIWI oem PXE build \
+                            (expected the contents of a *.install.tar)"
+                    .into())
+            }
+            [one] => (*one).clone(),
+            many => {
+                return Err(format!(
+                    "several .append files ({}); import one build at a time",
+                    many.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+        };
+        let prefix = append.trim_end_matches(".append").to_string();
+        check_prefix(&prefix)?;
+        let image = format!("{prefix}.xz");
+        if !has(&image) {
+            return Err(format!(
+                "{append} is there but the image {image} is missing"
+            ));
+        }
+        let checksum = ["sha512", "sha256", "md5"]
+            .iter()
+            .map(|ext| format!("{prefix}.{ext}"))
+            .find(|n| has(n))
+            .ok_or_else(|| {
+                format!("no checksum file for {image} ({prefix}.sha256, .sha512 or .md5)")
+            })?;
+        let (generation, installer_initrd) = if has(&format!("pxeboot.{prefix}.initrd")) {
+            (Generation::Current, format!("pxeboot.{prefix}.initrd"))
+        } else if has(&format!("pxeboot.{prefix}.initrd.xz")) {
+            (Generation::XzInitrd, format!("pxeboot.{prefix}.initrd.xz"))
+        } else if has("pxeboot.initrd.xz") {
+            (Generation::Bare, "pxeboot.initrd.xz".to_string())
+        } else {
+            return Err(format!(
+                "no installer initrd (pxeboot.{prefix}.initrd, pxeboot.{prefix}.initrd.xz \
+                 or pxeboot.initrd.xz)"
+            ));
+        };
+        let installer_kernel = [
+            format!("pxeboot.{prefix}.kernel"),
+            "pxeboot.kernel".to_string(),
+        ]
+        .into_iter()
+        .find(|n| has(n))
+        .ok_or_else(|| {
+            format!("no installer kernel (pxeboot.{prefix}.kernel or pxeboot.kernel)")
+        })?;
+        let system_initrd = format!("{prefix}.initrd");
+        if !has(&system_initrd) {
+            return Err(format!(
+                "{system_initrd} is missing: the installer fetches it to boot the installed system"
+            ));
+        }
+        let bootoptions = format!("{prefix}.config.bootoptions");
+        let bootoptions = if has(&bootoptions) {
+            Some(bootoptions)
+        } else if generation == Generation::Current {
+            return Err(format!(
+                "{bootoptions} is missing: the installer of this kiwi version requires it"
+            ));
+        } else {
+            None
+        };
+        Ok(Build {
+            generation,
+            prefix,
+            image,
+            checksum,
+            append,
+            installer_kernel,
+            installer_initrd,
+            system_initrd,
+            bootoptions,
+        })
+    }
+
+    /// The files copied into the image directory (the `<P>.kernel` symlink
+    /// is made anew).
+    pub fn files(&self) -> Vec<&str> {
+        let mut v = vec![
+            self.image.as_str(),
+            &self.checksum,
+            &self.append,
+            &self.installer_kernel,
+            &self.installer_initrd,
+            &self.system_initrd,
+        ];
+        if let Some(b) = &self.bootoptions {
+            v.push(b);
+        }
+        v
+    }
+}
+
+/// `<P>` ends up in URLs and in a template: one safe file-name component
+/// without `.xz` (the installer replaces every `.xz` of the image URL).
+fn check_prefix(prefix: &str) -> Result<(), String> {
+    let ok = !prefix.is_empty()
+        && !prefix.starts_with('.')
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+'));
+    if !ok {
+        return Err(format!(
+            "build name {prefix:?} has characters that cannot go into a URL as they are"
+        ));
+    }
+    if prefix.contains(".xz") {
+        return Err(format!(
+            "build name {prefix:?} contains \".xz\"; the installer would derive wrong file names from its URL"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the name of an image state for import: a safe state name that
+/// can be part of a URL and of a template.
+pub fn check_image_name(name: &str) -> Result<(), String> {
+    crate::lifecycle::check_state_name(name)?;
+    if matches!(name, "new" | "finished") {
+        return Err(format!("{name:?} is a built-in state, not an image name"));
+    }
+    if name.contains('@') {
+        return Err(format!(
+            "image name {name:?} must not contain '@' (templates use it)"
+        ));
+    }
+    if name.contains(".xz") {
+        return Err(format!(
+            "image name {name:?} contains \".xz\"; the installer would derive wrong URLs from it"
+        ));
+    }
+    Ok(())
+}
+
+/// Digest algorithms of KIWI checksum files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    Md5,
+    Sha256,
+    Sha512,
+}
+
+impl Algorithm {
+    fn tool(self) -> &'static str {
+        match self {
+            Algorithm::Md5 => "md5sum",
+            Algorithm::Sha256 => "sha256sum",
+            Algorithm::Sha512 => "sha512sum",
+        }
+    }
+
+    fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Md5 => 32,
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+}
+
+/// A KIWI checksum file: `<hexdigest> <blocks> <blocksize>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checksum {
+    pub algorithm: Algorithm,
+    pub digest: String,
+    /// `blocks * blocksize`: the size of the uncompressed image.
+    pub size: Option<u64>,
+}
+
+impl Checksum {
+    /// Parses a checksum file; the algorithm comes from the file name's
+    /// extension (`.md5`, `.sha256`, `.sha512`).
+    pub fn parse(file_name: &str, text: &str) -> Result<Checksum, String> {
+        let algorithm = if file_name.ends_with(".sha512") {
+            Algorithm::Sha512
+        } else if file_name.ends_with(".sha256") {
+            Algorithm::Sha256
+        } else if file_name.ends_with(".md5") {
+            Algorithm::Md5
+        } else {
+            return Err(format!("{file_name}: not a .md5, .sha256 or .sha512 file"));
+        };
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let digest = words
+            .first()
+            .ok_or_else(|| format!("{file_name} is empty"))?
+            .to_ascii_lowercase();
+        if digest.len() != algorithm.hex_len() || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{file_name}: {:?} is not a {}-digit hex digest",
+                digest.chars().take(140).collect::<String>(),
+                algorithm.hex_len()
+            ));
+        }
+        let size = match words.get(1..3) {
+            Some([blocks, blocksize]) => {
+                let b: u64 = blocks
+                    .parse()
+                    .map_err(|_| format!("{file_name}: block count {blocks:?} is not a number"))?;
+                let s: u64 = blocksize.parse().map_err(|_| {
+                    format!("{file_name}: block size {blocksize:?} is not a number")
+                })?;
+                Some(
+                    b.checked_mul(s)
+                        .ok_or_else(|| format!("{file_name}: {b} blocks of {s} bytes overflow"))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Checksum {
+            algorithm,
+            digest,
+            size,
+        })
+    }
+}
+
+/// Progress of a long copy on stderr, shown only when stderr is a terminal.
+pub struct Progress {
+    label: String,
+    total: Option<u64>,
+    done: u64,
+    enabled: bool,
+    last: Instant,
+}
+
+/// Files smaller than this get no progress line.
+const PROGRESS_THRESHOLD: u64 = 32 << 20;
+
+impl Progress {
+    pub fn new(label: impl Into<String>, total: Option<u64>, wanted: bool) -> Progress {
+        let enabled =
+            wanted && total.is_none_or(|t| t >= PROGRESS_THRESHOLD) && io::stderr().is_terminal();
+        Progress {
+            label: label.into(),
+            total,
+            done: 0,
+            enabled,
+            last: Instant::now(),
+        }
+    }
+
+    pub fn add(&mut self, n: u64) {
+        self.done += n;
+        if self.enabled && self.last.elapsed() >= Duration::from_millis(250) {
+            self.last = Instant::now();
+            self.draw();
+        }
+    }
+
+    fn draw(&self) {
+        let mib = self.done >> 20;
+        let line = match self.total {
+            Some(t) if t > 0 => format!(
+                "{}: {mib} of {} MiB ({}%)",
+                self.label,
+                t >> 20,
+                self.done.min(t) * 100 / t
+            ),
+            _ => format!("{}: {mib} MiB", self.label),
+        };
+        eprint!("\r{line}\x1b[K");
+    }
+
+    pub fn finish(&self) {
+        if self.enabled {
+            self.draw();
+            eprintln!();
+        }
+    }
+}
+
+/// Copies `r` to `w`, counting and showing progress.
+fn pump(r: &mut dyn Read, w: &mut dyn Write, progress: &mut Progress) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])?;
+        total += n as u64;
+        progress.add(n as u64);
+    }
+    progress.finish();
+    Ok(total)
+}
+
+fn spawn(cmd: &mut Command, what: &str) -> Result<std::process::Child, ImportError> {
+    cmd.spawn().map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            ImportError::Io(format!(
+                "cannot run {what}: it is not installed (Debian package {})",
+                match what {
+                    "xz" => "xz-utils",
+                    "tar" => "tar",
+                    "xorriso" => "xorriso",
+                    _ => "coreutils",
+                }
+            ))
+        } else {
+            io_err(format!("cannot run {what}"), e)
+        }
+    })
+}
+
+fn read_stderr(child: &mut std::process::Child) -> String {
+    let mut s = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+/// Decompresses `image` (an `.xz` file) and checks its digest and size
+/// against `sum`. Returns the uncompressed size.
+pub fn verify_image(image: &Path, sum: &Checksum, progress: bool) -> Result<u64, ImportError> {
+    let shown = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut xz = spawn(
+        Command::new("xz")
+            .arg("-dc")
+            .arg("--")
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "xz",
+    )?;
+    let tool = sum.algorithm.tool();
+    let mut hasher = match spawn(
+        Command::new(tool)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        tool,
+    ) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = xz.kill();
+            let _ = xz.wait();
+            return Err(e);
+        }
+    };
+    let mut p = Progress::new(format!("verifying {shown}"), sum.size, progress);
+    let copied = {
+        let mut out = xz.stdout.take().expect("piped");
+        let mut input = hasher.stdin.take().expect("piped");
+        pump(&mut out, &mut input, &mut p)
+        // Both pipes close here, so the hasher sees the end of its input.
+    };
+    let xz_err = read_stderr(&mut xz);
+    let xz_status = xz.wait().map_err(|e| io_err("waiting for xz", e))?;
+    let mut hex = String::new();
+    if let Some(mut o) = hasher.stdout.take() {
+        let _ = o.read_to_string(&mut hex);
+    }
+    let hasher_status = hasher
+        .wait()
+        .map_err(|e| io_err(format!("waiting for {tool}"), e))?;
+    let size = copied.map_err(|e| io_err(format!("decompressing {}", image.display()), e))?;
+    if !xz_status.success() {
+        return Err(ImportError::Invalid(format!(
+            "{} does not decompress: {}",
+            image.display(),
+            if xz_err.is_empty() {
+                "xz failed"
+            } else {
+                &xz_err
+            }
+        )));
+    }
+    if !hasher_status.success() {
+        return Err(ImportError::Io(format!(
+            "{tool} failed on {}",
+            image.display()
+        )));
+    }
+    let digest = hex
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if digest != sum.digest {
+        return Err(ImportError::Invalid(format!(
+            "checksum mismatch for {}: the uncompressed image has {tool} {digest}, the checksum file says {}",
+            image.display(),
+            sum.digest
+        )));
+    }
+    if let Some(expected) = sum.size {
+        if expected != size {
+            return Err(ImportError::Invalid(format!(
+                "size mismatch for {}: the uncompressed image is {size} bytes, the checksum file says {expected} (blocks × blocksize)",
+                image.display()
+            )));
+        }
+    }
+    Ok(size)
+}
+
+/// Turns the build's `.append` line into the installer's kernel arguments:
+/// the placeholder image URL replaced by the real one, and what KIWIspray
+/// needs added.
+pub fn kernel_args(append: &str, image_url: &str, initrd: &str) -> Result<String, String> {
+    let mut args: Vec<String> = Vec::new();
+    for word in append.split_whitespace() {
+        if word.contains("${") || word == "||" || word == "&&" {
+            return Err(format!(
+                "the .append line has {word:?}, which iPXE would interpret; edit the build's kernelcmdline"
+            ));
+        }
+        let key = word.split('=').next().unwrap_or("");
+        if matches!(
+            key,
+            "rd.kiwi.install.image"
+                | "initrd"
+                | "BOOTIF"
+                | "razorurl"
+                | "rd.kiwi.install.pass.bootparam"
+        ) {
+            continue;
+        }
+        if !args.iter().any(|a| a == word) {
+            args.push(word.to_string());
+        }
+    }
+    if !args.iter().any(|a| a == "rd.kiwi.install.pxe") {
+        args.insert(0, "rd.kiwi.install.pxe".into());
+    }
+    let mut out = vec![format!("initrd={initrd}")];
+    out.extend(args);
+    out.push(format!("rd.kiwi.install.image={image_url}"));
+    out.push("rd.kiwi.install.pass.bootparam".into());
+    out.push("BOOTIF=01-${netX/mac:hexhyp}".into());
+    out.push(format!("razorurl={POST_INSTALL_URL}"));
+    Ok(out.join(" "))
+}
+
+/// The post-install URL a booting installer passes on, as template text.
+pub const POST_INSTALL_URL: &str =
+    "http://@SERVER_IP@:@SERVER_PORT@/post-install?id=@id@&bootid=@bootid@";
+
+/// The URL of a file of image `name`, as template text.
+pub fn file_url(name: &str, file: &str) -> String {
+    format!("http://@SERVER_IP@:@SERVER_PORT@/images/{name}/{file}")
+}
+
+/// The `host.tmpl` that boots `kernel` and `initrd` of image `name` with
+/// `args`, explaining any failure on the console before it reboots.
+pub fn boot_script(
+    name: &str,
+    header: &[String],
+    kernel: &str,
+    initrd: &str,
+    args: &str,
+) -> String {
+    let mut s = String::from("#!ipxe\n");
+    for h in header {
+        s.push_str(&format!("# {h}\n"));
+    }
+    s.push_str(&format!(
+        "echo KIWIspray: booting image {name} on host @id@ (@hostname@)\n\
+         imgfree\n\
+         kernel {k} {args} || goto ks-failed\n\
+         initrd {i} || goto ks-failed\n\
+         boot || goto ks-failed\n\
+         \n\
+         :ks-failed\n\
+         echo KIWIspray: cannot boot image {name}: loading its kernel or initrd from\n\
+         echo   http://@SERVER_IP@:@SERVER_PORT@/images/{name}/ failed (see the error above).\n\
+         echo Rebooting in 60 seconds.\n\
+         sleep 60\n\
+         reboot\n",
+        k = file_url(name, kernel),
+        i = file_url(name, initrd),
+    ));
+    s
+}
+
+/// What an import did.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub name: String,
+    pub dir: PathBuf,
+    /// What was recognised, for the operator.
+    pub kind: String,
+    pub files: Vec<String>,
+    pub replaced: bool,
+}
+
+/// A directory under construction; removed unless committed.
+struct Staging {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn staging(images: &Path, name: &str) -> Result<Staging, ImportError> {
+    fs::create_dir_all(images)
+        .map_err(|e| io_err(format!("cannot create {}", images.display()), e))?;
+    let path = images.join(format!(".import-{name}.{}", std::process::id()));
+    let _ = fs::remove_dir_all(&path);
+    fs::create_dir(&path).map_err(|e| io_err(format!("cannot create {}", path.display()), e))?;
+    Ok(Staging { path, keep: false })
+}
+
+/// Refuses early when the image exists and `force` is off.
+fn check_target(images: &Path, name: &str, force: bool) -> Result<PathBuf, ImportError> {
+    let target = images.join(name);
+    if fs::symlink_metadata(&target).is_ok() && !force {
+        return Err(ImportError::Exists(format!(
+            "image {name} already exists ({}); use --force to replace it",
+            target.display()
+        )));
+    }
+    Ok(target)
+}
+
+/// Moves the finished staging directory into place, replacing an existing
+/// image only with `force`.
+fn commit(mut stage: Staging, target: &Path, force: bool) -> Result<bool, ImportError> {
+    let exists = fs::symlink_metadata(target).is_ok();
+    if exists && !force {
+        return Err(ImportError::Exists(format!(
+            "{} appeared during the import; use --force to replace it",
+            target.display()
+        )));
+    }
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let old = target.with_file_name(format!(".old-{name}.{}", std::process::id()));
+    if exists {
+        fs::rename(target, &old)
+            .map_err(|e| io_err(format!("cannot move the old {} aside", target.display()), e))?;
+    }
+    if let Err(e) = fs::rename(&stage.path, target) {
+        if exists {
+            let _ = fs::rename(&old, target);
+        }
+        return Err(io_err(
+            format!("cannot move the import into {}", target.display()),
+            e,
+        ));
+    }
+    stage.keep = true;
+    if exists {
+        let removed = if fs::symlink_metadata(&old).is_ok_and(|m| m.is_dir()) {
+            fs::remove_dir_all(&old)
+        } else {
+            fs::remove_file(&old)
+        };
+        if let Err(e) = removed {
+            eprintln!(
+                "kiwispray-hosts: warning: cannot remove the old image {}: {e}",
+                old.display()
+            );
+        }
+    }
+    if let Some(dir) = target.parent() {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(exists)
+}
+
+/// Regular files directly in `dir` (symlinks are ignored: the build's
+/// `<P>.kernel` symlink is recreated, and nothing in an archive is followed).
+fn regular_files(dir: &Path) -> Result<Vec<String>, ImportError> {
+    let mut names = Vec::new();
+    let rd = fs::read_dir(dir).map_err(|e| io_err(format!("cannot read {}", dir.display()), e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| io_err(format!("cannot read {}", dir.display()), e))?;
+        let meta = fs::symlink_metadata(entry.path())
+            .map_err(|e| io_err(format!("cannot read {}", entry.path().display()), e))?;
+        if meta.is_file() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The directory of a build: `dir` itself, or its only subdirectory.
+fn build_dir(dir: &Path) -> Result<PathBuf, ImportError> {
+    let names = regular_files(dir)?;
+    if names.iter().any(|n| n.ends_with(".append")) {
+        return Ok(dir.to_path_buf());
+    }
+    let subdirs: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| io_err(format!("cannot read {}", dir.display()), e))?
+        .filter_map(Result::ok)
+        .filter(|e| fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    match subdirs.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Ok(dir.to_path_buf()),
+    }
+}
+
+/// Unpacks a tar (optionally xz-compressed) into `dest` with the system's
+/// `tar`, feeding it through a pipe so that progress can be shown.
+fn untar(source: &Path, dest: &Path, progress: bool) -> Result<(), ImportError> {
+    let mut file = fs::File::open(source)
+        .map_err(|e| io_err(format!("cannot open {}", source.display()), e))?;
+    let len = file.metadata().map(|m| m.len()).ok();
+    let mut magic = [0u8; 6];
+    let n = file
+        .read(&mut magic)
+        .map_err(|e| io_err(format!("cannot read {}", source.display()), e))?;
+    let xz = n == 6 && magic == *b"\xfd7zXZ\0";
+    drop(file);
+    let mut file = fs::File::open(source)
+        .map_err(|e| io_err(format!("cannot open {}", source.display()), e))?;
+    let mut cmd = Command::new("tar");
+    cmd.arg("-x");
+    if xz {
+        cmd.arg("-J");
+    }
+    cmd.args([
+        "-f",
+        "-",
+        "--no-same-owner",
+        "--delay-directory-restore",
+        "-C",
+    ])
+    .arg(dest)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut tar = spawn(&mut cmd, "tar")?;
+    let shown = source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut p = Progress::new(format!("unpacking {shown}"), len, progress);
+    let copied = {
+        let mut input = tar.stdin.take().expect("piped");
+        pump(&mut file, &mut input, &mut p)
+    };
+    let err = read_stderr(&mut tar);
+    let status = tar.wait().map_err(|e| io_err("waiting for tar", e))?;
+    if !status.success() {
+        return Err(ImportError::Invalid(format!(
+            "{} is not a readable tar archive: {}",
+            source.display(),
+            if err.is_empty() {
+                "tar failed".to_string()
+            } else {
+                err
+            }
+        )));
+    }
+    if let Err(e) = copied {
+        // tar exited successfully without reading everything: fine for
+        // trailing padding; anything else shows as a missing file later.
+        if e.kind() != io::ErrorKind::BrokenPipe {
+            return Err(io_err(format!("reading {}", source.display()), e));
+        }
+    }
+    Ok(())
+}
+
+fn copy_file(from: &Path, to: &Path, progress: bool) -> Result<(), ImportError> {
+    let mut r =
+        fs::File::open(from).map_err(|e| io_err(format!("cannot open {}", from.display()), e))?;
+    let len = r.metadata().map(|m| m.len()).ok();
+    let mut w =
+        fs::File::create(to).map_err(|e| io_err(format!("cannot create {}", to.display()), e))?;
+    let shown = from
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut p = Progress::new(format!("copying {shown}"), len, progress);
+    pump(&mut r, &mut w, &mut p)
+        .map_err(|e| io_err(format!("cannot copy {}", from.display()), e))?;
+    w.sync_all()
+        .map_err(|e| io_err(format!("cannot write {}", to.display()), e))?;
+    Ok(())
+}
+
+fn sync_file(path: &Path) -> Result<(), ImportError> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(format!("cannot sync {}", path.display()), e))
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), ImportError> {
+    let mut f = fs::File::create(path)
+        .map_err(|e| io_err(format!("cannot create {}", path.display()), e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err(format!("cannot write {}", path.display()), e))
+}
+
+/// Imports a KIWI oem PXE build (`*.install.tar`, `*.install.tar.xz` or a
+/// directory of its files) as image `name` under `images`.
+pub fn import_image(
+    images: &Path,
+    name: &str,
+    source: &Path,
+    extra_args: &str,
+    force: bool,
+    progress: bool,
+) -> Result<Imported, ImportError> {
+    check_image_name(name).map_err(ImportError::Invalid)?;
+    let meta = fs::metadata(source).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            ImportError::NotFound(format!("{} does not exist", source.display()))
+        } else {
+            io_err(format!("cannot read {}", source.display()), e)
+        }
+    })?;
+    let target = check_target(images, name, force)?;
+    let stage = staging(images, name)?;
+    // A tar is unpacked inside the staging directory, so its files can be
+    // renamed into place instead of copied.
+    let (dir, unpacked) = if meta.is_dir() {
+        (build_dir(source)?, false)
+    } else {
+        let unpack = stage.path.join(".unpack");
+        fs::create_dir(&unpack)
+            .map_err(|e| io_err(format!("cannot create {}", unpack.display()), e))?;
+        untar(source, &unpack, progress)?;
+        (build_dir(&unpack)?, true)
+    };
+    let names = regular_files(&dir)?;
+    let build = Build::detect(&names)
+        .map_err(|e| ImportError::Invalid(format!("{}: {e}", source.display())))?;
+    let sum_text = fs::read_to_string(dir.join(&build.checksum))
+        .map_err(|e| io_err(format!("cannot read {}", build.checksum), e))?;
+    let sum = Checksum::parse(&build.checksum, &sum_text).map_err(ImportError::Invalid)?;
+    let append = fs::read_to_string(dir.join(&build.append))
+        .map_err(|e| io_err(format!("cannot read {}", build.append), e))?;
+    let size = verify_image(&dir.join(&build.image), &sum, progress)?;
+    for f in build.files() {
+        let (from, to) = (dir.join(f), stage.path.join(f));
+        if unpacked {
+            fs::rename(&from, &to).map_err(|e| io_err(format!("cannot move {f}"), e))?;
+            sync_file(&to)?;
+        } else {
+            copy_file(&from, &to, progress)?;
+        }
+    }
+    if unpacked {
+        fs::remove_dir_all(stage.path.join(".unpack"))
+            .map_err(|e| io_err("cannot remove the unpacked archive", e))?;
+    }
+    let link = format!("{}.kernel", build.prefix);
+    if link != build.installer_kernel {
+        std::os::unix::fs::symlink(&build.installer_kernel, stage.path.join(&link))
+            .map_err(|e| io_err(format!("cannot create the symlink {link}"), e))?;
+    }
+    let image_url = file_url(name, &build.image);
+    let mut args = kernel_args(&append, &image_url, &build.installer_initrd)
+        .map_err(|e| ImportError::Invalid(format!("{}: {e}", build.append)))?;
+    if !extra_args.trim().is_empty() {
+        let extra = extra_args.split_whitespace().collect::<Vec<_>>().join(" ");
+        if extra.contains("${") {
+            return Err(ImportError::Invalid(
+                "--append must not contain \"${\"".into(),
+            ));
+        }
+        args = format!("{args} {extra}");
+    }
+    let header = vec![
+        format!(
+            "Written by kiwispray-hosts import-image from {}.",
+            build.append
+        ),
+        format!("KIWI build {} ({}).", build.prefix, build.generation),
+        format!(
+            "Boots the KIWI installer, which writes {} ({size} bytes uncompressed) to the disk,",
+            build.image
+        ),
+        "then passes razorurl= (the post-install URL) on to the installed system.".into(),
+    ];
+    let script = boot_script(
+        name,
+        &header,
+        &build.installer_kernel,
+        &build.installer_initrd,
+        &args,
+    );
+    crate::render::Template::parse(Path::new("host.tmpl"), &script).map_err(|e| {
+        ImportError::Invalid(format!("the generated host.tmpl does not parse: {e}"))
+    })?;
+    write_file(&stage.path.join("host.tmpl"), &script)?;
+    let mut files: Vec<String> = build.files().iter().map(|s| s.to_string()).collect();
+    if link != build.installer_kernel {
+        files.push(link);
+    }
+    files.push("host.tmpl".into());
+    files.sort();
+    let replaced = commit(stage, &target, force)?;
+    Ok(Imported {
+        name: name.to_string(),
+        dir: target,
+        kind: format!("KIWI build {}, {}", build.prefix, build.generation),
+        files,
+        replaced,
+    })
+}
+
+/// Lists a directory inside an ISO with `xorriso`.
+fn iso_ls(iso: &Path, dir: &str) -> Result<Vec<String>, ImportError> {
+    let out = spawn(
+        Command::new("xorriso")
+            .args(["-abort_on", "FAILURE", "-indev"])
+            .arg(iso)
+            .args(["-ls", &format!("{dir}/*")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "xorriso",
+    )?
+    .wait_with_output()
+    .map_err(|e| io_err("running xorriso", e))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        if stderr.contains("not found")
+            || stderr.contains("Not found")
+            || stderr.contains("No such")
+        {
+            return Ok(Vec::new());
+        }
+        let why = stderr
+            .lines()
+            .find(|l| l.contains("FAILURE") || l.contains("SORRY"))
+            .unwrap_or("xorriso failed")
+            .trim()
+            .to_string();
+        return Err(ImportError::Invalid(format!(
+            "{}: cannot read as an ISO: {why}",
+            iso.display()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('\''))
+        .filter_map(|l| l.strip_suffix('\''))
+        .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
+        .collect())
+}
+
+/// Imports a live ISO as image `name`: its `/boot/<arch>/loader/linux` and
+/// `initrd` are extracted, the ISO is copied beside them and `host.tmpl`
+/// boots it with `root=live:<URL of the ISO>`.
+pub fn import_live_iso(
+    images: &Path,
+    name: &str,
+    iso: &Path,
+    arch: Option<&str>,
+    extra_args: &str,
+    force: bool,
+    progress: bool,
+) -> Result<Imported, ImportError> {
+    check_image_name(name).map_err(ImportError::Invalid)?;
+    let meta = fs::metadata(iso).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            ImportError::NotFound(format!("{} does not exist", iso.display()))
+        } else {
+            io_err(format!("cannot read {}", iso.display()), e)
+        }
+    })?;
+    if !meta.is_file() {
+        return Err(ImportError::Invalid(format!(
+            "{} is not a file",
+            iso.display()
+        )));
+    }
+    if extra_args.contains("${") {
+        return Err(ImportError::Invalid(
+            "--append must not contain \"${\"".into(),
+        ));
+    }
+    let target = check_target(images, name, force)?;
+    let arches = iso_ls(iso, "/boot")?;
+    let mut with_loader = Vec::new();
+    for a in &arches {
+        let files = iso_ls(iso, &format!("/boot/{a}/loader"))?;
+        if files.iter().any(|f| f == "linux") && files.iter().any(|f| f == "initrd") {
+            with_loader.push(a.clone());
+        }
+    }
+    let arch = match (arch, with_loader.as_slice()) {
+        (Some(a), found) if found.iter().any(|f| f == a) => a.to_string(),
+        (Some(a), found) => {
+            return Err(ImportError::Invalid(format!(
+                "{} has no /boot/{a}/loader/linux and initrd (found: {})",
+                iso.display(),
+                if found.is_empty() {
+                    "none".to_string()
+                } else {
+                    found.join(", ")
+                }
+            )))
+        }
+        (None, []) => {
+            return Err(ImportError::Invalid(format!(
+                "{} has no /boot/<arch>/loader/linux and initrd: not a KIWI live ISO",
+                iso.display()
+            )))
+        }
+        (None, [one]) => one.clone(),
+        (None, many) => {
+            return Err(ImportError::Invalid(format!(
+                "{} boots several architectures ({}); choose one with --arch",
+                iso.display(),
+                many.join(", ")
+            )))
+        }
+    };
+    if !arch
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(ImportError::Invalid(format!(
+            "unexpected architecture name {arch:?}"
+        )));
+    }
+    let stage = staging(images, name)?;
+    let out = spawn(
+        Command::new("xorriso")
+            .args(["-abort_on", "FAILURE", "-osirrox", "on", "-indev"])
+            .arg(iso)
+            .arg("-extract")
+            .arg(format!("/boot/{arch}/loader/linux"))
+            .arg(stage.path.join("linux"))
+            .arg("-extract")
+            .arg(format!("/boot/{arch}/loader/initrd"))
+            .arg(stage.path.join("initrd"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+        "xorriso",
+    )?
+    .wait_with_output()
+    .map_err(|e| io_err("running xorriso", e))?;
+    if !out.status.success()
+        || !stage.path.join("linux").is_file()
+        || !stage.path.join("initrd").is_file()
+    {
+        return Err(ImportError::Io(format!(
+            "cannot extract linux and initrd from {}: {}",
+            iso.display(),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("xorriso failed")
+        )));
+    }
+    for f in ["linux", "initrd"] {
+        // Extracted files keep the ISO's read-only modes; the web server
+        // only needs to read them, but a later --force must remove them.
+        let p = stage.path.join(f);
+        let _ = fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        sync_file(&p)?;
+    }
+    let iso_name = format!("{name}.iso");
+    copy_file(iso, &stage.path.join(&iso_name), progress)?;
+    let mut args = format!(
+        "initrd=initrd root=live:{} ip=dhcp rd.neednet=1 BOOTIF=01-${{netX/mac:hexhyp}} razorurl={POST_INSTALL_URL}",
+        file_url(name, &iso_name)
+    );
+    let extra = extra_args.split_whitespace().collect::<Vec<_>>().join(" ");
+    if !extra.is_empty() {
+        args = format!("{args} {extra}");
+    }
+    let header = vec![
+        format!(
+            "Written by kiwispray-hosts import-live-iso from {}.",
+            iso.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+        format!("Boots the live system's /boot/{arch}/loader/linux and initrd; the system"),
+        format!("fetches {iso_name} over HTTP (root=live:) and runs from memory."),
+    ];
+    let script = boot_script(name, &header, "linux", "initrd", &args);
+    write_file(&stage.path.join("host.tmpl"), &script)?;
+    let replaced = commit(stage, &target, force)?;
+    Ok(Imported {
+        name: name.to_string(),
+        dir: target,
+        kind: format!("live ISO, {arch}"),
+        files: vec![
+            "host.tmpl".into(),
+            "initrd".into(),
+            iso_name,
+            "linux".into(),
+        ],
+        replaced,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn detects_all_three_generations() {
+        let p = "web.x86_64-1.2.3";
+        let current = Build::detect(&names(&[
+            "web.x86_64-1.2.3.xz",
+            "web.x86_64-1.2.3.sha256",
+            "web.x86_64-1.2.3.append",
+            "web.x86_64-1.2.3.initrd",
+            "web.x86_64-1.2.3.config.bootoptions",
+            "pxeboot.web.x86_64-1.2.3.kernel",
+            "pxeboot.web.x86_64-1.2.3.initrd",
+            "web.x86_64-1.2.3.packages",
+        ]))
+        .unwrap();
+        assert_eq!(current.generation, Generation::Current);
+        assert_eq!(current.prefix, p);
+        assert_eq!(current.installer_initrd, format!("pxeboot.{p}.initrd"));
+        assert_eq!(current.installer_kernel, format!("pxeboot.{p}.kernel"));
+        let middle = Build::detect(&names(&[
+            "web.x86_64-1.2.3.xz",
+            "web.x86_64-1.2.3.md5",
+            "web.x86_64-1.2.3.append",
+            "web.x86_64-1.2.3.initrd",
+            "pxeboot.web.x86_64-1.2.3.kernel",
+            "pxeboot.web.x86_64-1.2.3.initrd.xz",
+        ]))
+        .unwrap();
+        assert_eq!(middle.generation, Generation::XzInitrd);
+        assert_eq!(middle.checksum, format!("{p}.md5"));
+        assert_eq!(middle.bootoptions, None);
+        let bare = Build::detect(&names(&[
+            "image1.xz",
+            "image1.md5",
+            "image1.append",
+            "image1.initrd",
+            "pxeboot.kernel",
+            "pxeboot.initrd.xz",
+        ]))
+        .unwrap();
+        assert_eq!(bare.generation, Generation::Bare);
+        assert_eq!(bare.installer_kernel, "pxeboot.kernel");
+    }
+
+    #[test]
+    fn incomplete_builds_are_explained() {
+        let err = Build::detect(&names(&["a.xz", "a.sha256"])).unwrap_err();
+        assert!(err.contains(".append"), "{err}");
+        let err = Build::detect(&names(&[
+            "a.append",
+            "a.xz",
+            "a.initrd",
+            "pxeboot.kernel",
+            "pxeboot.initrd.xz",
+        ]))
+        .unwrap_err();
+        assert!(err.contains("checksum"), "{err}");
+        let err = Build::detect(&names(&[
+            "a.append",
+            "a.xz",
+            "a.sha256",
+            "a.initrd",
+            "pxeboot.a.kernel",
+            "pxeboot.a.initrd",
+        ]))
+        .unwrap_err();
+        assert!(err.contains("config.bootoptions"), "{err}");
+        let err = Build::detect(&names(&["a.xz.b.append", "a.xz.b.xz"])).unwrap_err();
+        assert!(err.contains(".xz"), "{err}");
+    }
+
+    #[test]
+    fn checksum_files_parse() {
+        let d = "a".repeat(64);
+        let c = Checksum::parse("x.sha256", &format!("{d} 16 4096\n")).unwrap();
+        assert_eq!((c.algorithm, c.size), (Algorithm::Sha256, Some(65536)));
+        assert!(Checksum::parse("x.sha512", &format!("{d} 1 1")).is_err());
+        assert!(Checksum::parse("x.md5", "zz 1 1").is_err());
+        assert!(Checksum::parse("x.sha256", &format!("{d} x 1")).is_err());
+        assert_eq!(
+            Checksum::parse("x.md5", &"B".repeat(32)).unwrap().size,
+            None
+        );
+    }
+
+    #[test]
+    fn kernel_args_replace_the_example_url() {
+        let args = kernel_args(
+            "rd.kiwi.install.pxe rd.kiwi.install.image=http://example.com/image.xz console=ttyS0 rd.kiwi.install.pass.bootparam\n",
+            "http://@SERVER_IP@:@SERVER_PORT@/images/web/web.x86_64-1.xz",
+            "pxeboot.web.x86_64-1.initrd",
+        )
+        .unwrap();
+        assert_eq!(
+            args,
+            "initrd=pxeboot.web.x86_64-1.initrd rd.kiwi.install.pxe console=ttyS0 \
+             rd.kiwi.install.image=http://@SERVER_IP@:@SERVER_PORT@/images/web/web.x86_64-1.xz \
+             rd.kiwi.install.pass.bootparam BOOTIF=01-${netX/mac:hexhyp} \
+             razorurl=http://@SERVER_IP@:@SERVER_PORT@/post-install?id=@id@&bootid=@bootid@"
+        );
+        assert!(kernel_args("x=${evil}", "u", "i").is_err());
+        assert!(kernel_args("", "u", "i")
+            .unwrap()
+            .contains("rd.kiwi.install.pxe"));
+    }
+
+    #[test]
+    fn image_names() {
+        assert!(check_image_name("sles15-sp6_web").is_ok());
+        for bad in ["new", "finished", "a.xz", "a@b", "../x", ".hidden", ""] {
+            assert!(check_image_name(bad).is_err(), "{bad}");
+        }
+    }
+}
