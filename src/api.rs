@@ -298,6 +298,10 @@ impl Service {
         let mut report = Report::default();
         let mut keys: Vec<String> = (0..8).map(|i| format!("net{i}")).collect();
         keys.push("dhcp_mac".into());
+        // A NIC with an unusable address (all zeros on some unconfigured
+        // ports) must not keep the machine from booting by its other NICs;
+        // it only matters when no MAC at all is usable.
+        let mut unusable = Vec::new();
         for key in &keys {
             let value = params.one(key).map_err(|e| Response::error(400, e))?;
             match value.map(str::trim) {
@@ -305,9 +309,15 @@ impl Service {
                 Some(v) => match Mac::parse(v) {
                     Ok(m) if !report.macs.contains(&m) => report.macs.push(m),
                     Ok(_) => {}
-                    Err(e) => return Err(Response::error(400, format!("{key}: {e}"))),
+                    Err(e) => unusable.push(format!("{key}: {e}")),
                 },
             }
+        }
+        if report.macs.is_empty() && !unusable.is_empty() {
+            return Err(Response::error(
+                400,
+                format!("no valid MAC address; nothing registered ({})", unusable.join("; ")),
+            ));
         }
         let text = |k: &str| -> Result<String, Response> {
             let v = params.one(k).map_err(|e| Response::error(400, e))?;
