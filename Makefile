@@ -9,12 +9,12 @@ APT_GET = DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
 # Debian packages per purpose.
 SERVE_PKGS = nginx
-TEST_PKGS = nginx curl dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 \
+TEST_PKGS = nginx curl dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
 	lighttpd rpm systemd git
 RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 
-.PHONY: all build serve test test-unit test-e2e lint fmt bench deps-build deps-serve deps-test deps-bench clean \
+.PHONY: all build serve test test-unit test-e2e lint fmt bench deps-build deps-serve deps-test deps-bench clean man \
 	rpm deps-rpm install
 
 all: build
@@ -70,6 +70,13 @@ test: lint test-unit test-e2e
 bench: deps-bench build
 	./tests/bench/run.sh
 
+# The man page, generated from the CLI definition; a test fails when the
+# committed page differs.
+man: deps-build
+	$(CARGO) build --locked --bin kiwispray-hosts
+	mkdir -p man
+	./target/debug/kiwispray-hosts --generate-man > man/kiwispray-hosts.1
+
 clean:
 	$(CARGO) clean
 
@@ -123,7 +130,7 @@ install:
 	@[ -e $(DESTDIR)$(SRVDIR)/known_hosts.json ] || { printf '[]\n' > $(DESTDIR)$(SRVDIR)/known_hosts.json; \
 		chmod 0640 $(DESTDIR)$(SRVDIR)/known_hosts.json; }
 	@[ -e $(DESTDIR)$(SRVDIR)/kiwispray.json ] || [ -L $(DESTDIR)$(SRVDIR)/kiwispray.json ] || \
-		ln -s $(SYSCONFDIR)/kiwispray/kiwispray.json $(DESTDIR)$(SRVDIR)/kiwispray.json
+		ln -sr $(DESTDIR)$(SYSCONFDIR)/kiwispray/kiwispray.json $(DESTDIR)$(SRVDIR)/kiwispray.json
 	@[ -e $(DESTDIR)$(SYSCONFDIR)/kiwispray/kiwispray.json ] || \
 		printf '{\n  "discover": false,\n  "placeholder_serials": [],\n  "placeholder_uuids": [],\n  "max_connections": 64\n}\n' \
 		> $(DESTDIR)$(SYSCONFDIR)/kiwispray/kiwispray.json
