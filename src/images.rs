@@ -63,9 +63,9 @@ pub enum Generation {
 impl fmt::Display for Generation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Generation::Bare => "bare names (kiwi before v9.18.18)",
-            Generation::XzInitrd => "pxeboot.<P>.initrd.xz (kiwi v9.18.18 to v9.24.10)",
-            Generation::Current => "pxeboot.<P>.initrd (kiwi v9.24.11 and later)",
+            Generation::Bare => "naming of kiwi before v9.18.18, pxeboot.initrd.xz",
+            Generation::XzInitrd => "naming of kiwi v9.18.18 to v9.24.10, pxeboot.<P>.initrd.xz",
+            Generation::Current => "naming of kiwi v9.24.11 and later, pxeboot.<P>.initrd",
         })
     }
 }
@@ -891,7 +891,7 @@ pub fn import_image(
             "Written by kiwispray-hosts import-image from {}.",
             build.append
         ),
-        format!("KIWI build {} ({}).", build.prefix, build.generation),
+        format!("KIWI build {}; {}.", build.prefix, build.generation),
         format!(
             "Boots the KIWI installer, which writes {} ({size} bytes uncompressed) to the disk,",
             build.image
@@ -931,7 +931,7 @@ fn iso_ls(iso: &Path, dir: &str) -> Result<Vec<String>, ImportError> {
         Command::new("xorriso")
             .args(["-abort_on", "FAILURE", "-indev"])
             .arg(iso)
-            .args(["-ls", &format!("{dir}/*")])
+            .args(["-lsd", &format!("{dir}/*")])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
@@ -940,6 +940,12 @@ fn iso_ls(iso: &Path, dir: &str) -> Result<Vec<String>, ImportError> {
     .wait_with_output()
     .map_err(|e| io_err("running xorriso", e))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No ISO 9660 image") || stderr.contains("Media status : is blank") {
+        return Err(ImportError::Invalid(format!(
+            "{} is not an ISO 9660 image",
+            iso.display()
+        )));
+    }
     if !out.status.success() {
         if stderr.contains("not found")
             || stderr.contains("Not found")

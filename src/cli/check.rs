@@ -271,6 +271,9 @@ fn script_refs(text: &str) -> Refs {
             continue;
         }
         let cmd = words.first().copied().unwrap_or("");
+        if matches!(cmd, "echo" | "prompt") || cmd.starts_with('#') {
+            continue;
+        }
         // The first non-option argument of kernel/initrd is what it loads.
         let loaded = words.iter().skip(1).find(|w| !w.starts_with("--")).copied();
         for (i, w) in words.iter().enumerate() {
@@ -278,7 +281,9 @@ fn script_refs(text: &str) -> Refs {
                 .split_once('=')
                 .map_or(*w, |(k, v)| if k.contains('/') { w } else { v });
             let value = value.strip_prefix("live:").unwrap_or(value);
-            let Some(p) = image_path(value) else { continue };
+            let Some(p) = image_path(value).filter(|p| !p.ends_with('/')) else {
+                continue;
+            };
             if w.starts_with("rd.kiwi.install.image=") {
                 refs.images.push(p);
             } else if i > 0 && Some(*w) == loaded && matches!(cmd, "kernel" | "chain" | "boot") {

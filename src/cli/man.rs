@@ -87,14 +87,14 @@ fn arg_help(a: &Arg) -> String {
         .map(|v| v.to_string_lossy().into_owned())
         .filter(|v| !v.is_empty())
         .collect();
-    if !defaults.is_empty() {
+    if !defaults.is_empty() && takes_value(a) {
         help.push_str(&format!(" [default: {}]", defaults.join(", ")));
     }
     if let Some(env) = a.get_env() {
         help.push_str(&format!(" [env: {}]", env.to_string_lossy()));
     }
     if matches!(a.get_action(), ArgAction::Append) {
-        help.push_str(" May be given more than once.");
+        help.push_str(" (may be given more than once)");
     }
     help.split_whitespace().collect::<Vec<_>>().join(" ")
 }

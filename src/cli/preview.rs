@@ -170,6 +170,15 @@ fn render_first(
     Ok(None)
 }
 
+/// The body as the handler sends it: `Response::text` ends it with a
+/// newline.
+fn with_newline(mut text: String) -> String {
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text
+}
+
 fn body(r: crate::api::Response) -> String {
     String::from_utf8_lossy(&r.body).into_owned()
 }
@@ -181,6 +190,17 @@ pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
     let host = db.get(id).expect("resolved");
     let values = context(host, &ip, &port);
     if a.post_install {
+        let candidates = post_install_candidates(ctx, host);
+        let text = match render_first(&candidates, &values) {
+            Ok(Some(text)) => with_newline(text),
+            Ok(None) => {
+                return Err(Error::not_found(format!(
+                    "no post-install template ({})",
+                    list_paths(&candidates)
+                )))
+            }
+            Err(msg) => return Err(Error::usage(format!("host {id}: {msg}"))),
+        };
         if !lifecycle::installing(host) {
             eprintln!(
                 "kiwispray-hosts: note: host {id} is not being installed (state {:?}, no active bootid); \
@@ -188,15 +208,8 @@ pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
                 host.state
             );
         }
-        let candidates = post_install_candidates(ctx, host);
-        return match render_first(&candidates, &values) {
-            Ok(Some(text)) => out(&text).map(|_| Exit::Ok),
-            Ok(None) => Err(Error::not_found(format!(
-                "no post-install template ({})",
-                list_paths(&candidates)
-            ))),
-            Err(msg) => Err(Error::usage(format!("host {id}: {msg}"))),
-        };
+        out(&text)?;
+        return Ok(Exit::Ok);
     }
     let text = match boot_candidates(ctx, host) {
         Err(reason) => {
@@ -204,7 +217,7 @@ pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
             body(ipxe_error(&[format!("host {id}: {reason}")]))
         }
         Ok(candidates) => match render_first(&candidates, &values) {
-            Ok(Some(text)) => text,
+            Ok(Some(text)) => with_newline(text),
             Ok(None) => {
                 let msg = format!(
                     "host {id}: no template for state {:?} (looked for {})",
