@@ -300,10 +300,11 @@ pub fn percent_encode(s: &str) -> String {
 /// Parsed templates, re-read when their file changes.
 #[derive(Default)]
 pub struct Templates {
-    cache: Mutex<HashMap<PathBuf, (FileId, Result<Arc<Template>, TemplateError>)>>,
+    cache: Mutex<HashMap<PathBuf, (FileId, Loaded)>>,
 }
 
 type FileId = (u64, u64, u64, i64, i64);
+type Loaded = Result<Arc<Template>, TemplateError>;
 
 impl Templates {
     /// The template at `path`: `Ok(None)` if there is no such file.
