@@ -275,7 +275,12 @@ fn script_refs(text: &str) -> Refs {
             continue;
         }
         // The first non-option argument of kernel/initrd is what it loads.
-        let loaded = words.iter().skip(1).find(|w| !w.starts_with("--")).copied();
+        // (Option values such as `--name initrd` hold no slash.)
+        let loaded = words
+            .iter()
+            .skip(1)
+            .find(|w| !w.starts_with('-') && w.contains('/'))
+            .copied();
         for (i, w) in words.iter().enumerate() {
             let value = w
                 .split_once('=')
