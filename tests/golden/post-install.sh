@@ -1,0 +1,54 @@
+#!/bin/sh
+# KIWIspray post-install script for host 1 (web-1), image image1.
+# The installed system fetches it once from the razorurl= kernel argument
+# and runs it; it applies the host's settings and reports /finish, after
+# which the machine boots its local disk for good.
+set -u
+
+KS_URL=http://127.0.0.1:5000
+KS_ID=1
+KS_BOOTID=@BOOTID@
+
+ks_fetch() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS --retry 3 "$1"
+    else
+        wget -q -O - "$1"
+    fi
+}
+
+# The hostname, unless the operator has not set one.
+ks_hostname='web-1'
+if [ "$ks_hostname" != "not-set" ] && [ -n "$ks_hostname" ]; then
+    echo "$ks_hostname" > /etc/hostname
+    hostname "$ks_hostname" 2>/dev/null || true
+fi
+
+# All metadata, as JSON, for the image's own first-boot tooling.
+mkdir -p /etc/kiwispray
+printf '%s\n' '{"role":"it'\''s & <web>","ssh_key":"ssh-ed25519 AAAA test@x"}' > /etc/kiwispray/metadata.json
+
+# An optional SSH key from the metadata (kiwispray-hosts set ID --meta-set ssh_key=...).
+# A placeholder without a value stays as written, which the case below detects.
+ks_ssh_key=$(cat <<'KS_END'
+ssh-ed25519 AAAA test@x
+KS_END
+)
+case "$ks_ssh_key" in
+    "@metadata."*) ;;
+    *)
+        mkdir -p /root/.ssh && chmod 700 /root/.ssh
+        printf '%s\n' "$ks_ssh_key" >> /root/.ssh/authorized_keys
+        ;;
+esac
+
+# Report the install as finished; retry for a while if the server is busy.
+for ks_try in 1 2 3 4 5 6; do
+    if ks_fetch "$KS_URL/finish?id=$KS_ID&bootid=$KS_BOOTID" >/dev/null; then
+        echo "KIWIspray: host $KS_ID reported finished"
+        exit 0
+    fi
+    sleep $((ks_try * 5))
+done
+echo "KIWIspray: could not report /finish for host $KS_ID" >&2
+exit 1
