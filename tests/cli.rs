@@ -1704,3 +1704,46 @@ fn cli_edits_race_with_machines_registering_under_nginx() {
         "{out}"
     );
 }
+
+#[test]
+fn progress_only_on_a_terminal_for_large_files() {
+    let r = Root::new("progress");
+    let work = TempDir::new("progress-src");
+    let prefix = "big.x86_64-1";
+    let build = make_build(work.path(), Gen::Current, prefix, Tamper::None);
+    let raw: Vec<u8> = (0..40u32 << 20).map(|i| (i / 4096 % 251) as u8).collect();
+    fs::write(build.join(format!("{prefix}.xz")), make_xz(&raw)).unwrap();
+    let sum = digest("sha256sum", &raw);
+    fs::write(
+        build.join(format!("{prefix}.sha256")),
+        format!("{sum} 10240 4096\n"),
+    )
+    .unwrap();
+    drop(raw);
+    let quiet = r
+        .run(&["import-image", "big", build.to_str().unwrap()])
+        .ok();
+    assert!(
+        quiet.stderr.is_empty(),
+        "no progress without a terminal: {}",
+        quiet.stderr
+    );
+    // Under script(1) stderr is a terminal.
+    let cmd = format!(
+        "{BIN} --root {} import-image big2 {}",
+        r.path().display(),
+        build.display()
+    );
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script(1) from util-linux is needed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("verifying {prefix}.xz: 40 of 40 MiB (100%)")),
+        "{text}"
+    );
+    assert!(text.contains("imported image big2"), "{text}");
+}
