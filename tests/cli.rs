@@ -1438,8 +1438,22 @@ fn committed_man_page_matches_the_cli() {
     for cmd in ["import\\-image", "import\\-live\\-iso", "render", "check"] {
         assert!(generated.contains(&format!(".SS {cmd}\n")), "{cmd}");
     }
-    let committed =
-        fs::read_to_string(Path::new(REPO).join("man/kiwispray-hosts.1")).unwrap_or_default();
+    assert!(generated.contains("Exit status:"), "{generated}");
+    assert_same_page("man/kiwispray-hosts.1", &generated);
+    // The boot service's page, once it is generated the same way.
+    let fcgi_page = Path::new(REPO).join("man/kiwispray-fcgi.8");
+    if fcgi_page.exists() {
+        let out = Command::new(FCGI).arg("--generate-man").output().unwrap();
+        assert!(out.status.success(), "kiwispray-fcgi --generate-man failed");
+        assert_same_page(
+            "man/kiwispray-fcgi.8",
+            &String::from_utf8_lossy(&out.stdout),
+        );
+    }
+}
+
+fn assert_same_page(path: &str, generated: &str) {
+    let committed = fs::read_to_string(Path::new(REPO).join(path)).unwrap_or_default();
     if committed != generated {
         let line = committed
             .lines()
@@ -1450,7 +1464,7 @@ fn committed_man_page_matches_the_cli() {
                 |i| i + 1,
             );
         panic!(
-            "man/kiwispray-hosts.1 is out of date (first difference at line {line}); run `make man` and commit it"
+            "{path} is out of date (first difference at line {line}); run `make man` and commit it"
         );
     }
 }
