@@ -295,7 +295,8 @@ pub struct SetArgs {
     pub host: String,
     /// New state or state chain, e.g. image1 or wipe,image1. Each element
     /// must be new, discover, finished, or have images/<S>/ or
-    /// templates/<S>.tmpl.
+    /// templates/<S>.tmpl. A new state ends an install in progress: its
+    /// bootid is cleared.
     #[arg(long, value_name = "STATE")]
     pub state: Option<String>,
     /// New hostname.
