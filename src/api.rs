@@ -140,9 +140,7 @@ impl Params {
                 continue;
             }
             if pairs.len() == MAX_PARAMS {
-                return Err(format!(
-                    "{what} has more than {MAX_PARAMS} parameters"
-                ));
+                return Err(format!("{what} has more than {MAX_PARAMS} parameters"));
             }
             let (k, v) = match part.iter().position(|b| *b == b'=') {
                 Some(i) => (&part[..i], &part[i + 1..]),
@@ -213,9 +211,13 @@ fn decode(raw: &[u8]) -> Result<String, String> {
 fn parse_id(params: &Params) -> Result<u64, String> {
     let raw = params.required("id")?;
     if raw.len() > 19 || !raw.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("id {:?} is not a host id (a whole number)", shorten(raw)));
+        return Err(format!(
+            "id {:?} is not a host id (a whole number)",
+            shorten(raw)
+        ));
     }
-    raw.parse().map_err(|_| format!("id {raw:?} is out of range"))
+    raw.parse()
+        .map_err(|_| format!("id {raw:?} is out of range"))
 }
 
 fn shorten(s: &str) -> String {
@@ -266,9 +268,9 @@ impl Service {
         let method = req.method.as_str();
         let allowed = match name {
             "update" => method == "POST",
-            "bootstrap" | "post-install" | "finish" | "state" | "hosts" => {
-                method == "GET" || method == "HEAD"
-            }
+            // These change state, so only GET; HEAD must have no effects.
+            "bootstrap" | "post-install" | "finish" => method == "GET",
+            "state" | "hosts" => method == "GET" || method == "HEAD",
             _ => return Response::error(404, format!("no such path {:?}", shorten(&req.path))),
         };
         if !allowed {
@@ -316,14 +318,20 @@ impl Service {
         if report.macs.is_empty() && !unusable.is_empty() {
             return Err(Response::error(
                 400,
-                format!("no valid MAC address; nothing registered ({})", unusable.join("; ")),
+                format!(
+                    "no valid MAC address; nothing registered ({})",
+                    unusable.join("; ")
+                ),
             ));
         }
         let text = |k: &str| -> Result<String, Response> {
             let v = params.one(k).map_err(|e| Response::error(400, e))?;
             let v = v.unwrap_or("");
             if v.chars().count() > 256 {
-                return Err(Response::error(400, format!("{k} is longer than 256 characters")));
+                return Err(Response::error(
+                    400,
+                    format!("{k} is longer than 256 characters"),
+                ));
             }
             Ok(v.to_string())
         };
@@ -352,12 +360,10 @@ impl Service {
                     }
                 }
             }
-            Identity::Unknown if report.macs.is_empty() => {
-                return Err(Response::error(
-                    400,
-                    "no valid MAC address in the request (net0..net7, dhcp_mac); nothing registered",
-                ))
-            }
+            Identity::Unknown if report.macs.is_empty() => return Err(Response::error(
+                400,
+                "no valid MAC address in the request (net0..net7, dhcp_mac); nothing registered",
+            )),
             Identity::Unknown => {}
         }
         let bootid = new_bootid().map_err(|e| {
@@ -392,9 +398,8 @@ impl Service {
             req.remote,
             lines.join("; ")
         ));
-        let mut msg = vec![
-            "this machine matches more than one host; nothing was changed:".to_string(),
-        ];
+        let mut msg =
+            vec!["this machine matches more than one host; nothing was changed:".to_string()];
         msg.extend(lines);
         msg.push("fix the hosts with kiwispray-hosts (show, set, remove)".into());
         ipxe_error(&msg)
@@ -501,10 +506,7 @@ impl Service {
     }
 
     /// Checks `id` and `bootid` against a host that is being installed.
-    fn installing_host(
-        db: &Database,
-        params: &Params,
-    ) -> Result<(Host, String), Response> {
+    fn installing_host(db: &Database, params: &Params) -> Result<(Host, String), Response> {
         let id = parse_id(params).map_err(|e| Response::error(400, e))?;
         let bootid = params
             .one("bootid")
@@ -520,7 +522,10 @@ impl Service {
         let (host, _) = Self::installing_host(&db, params)?;
         let state = host.current_state().to_string();
         let candidates = vec![
-            self.config.images_dir().join(&state).join("post_install.tmpl"),
+            self.config
+                .images_dir()
+                .join(&state)
+                .join("post_install.tmpl"),
             self.config.templates_dir().join("post_install.tmpl"),
         ];
         let ctx = self.context(req, &host, None);
@@ -566,7 +571,10 @@ impl Service {
             })
             .map_err(|e| store_failure(&e))?;
         let (from, to) = result?;
-        log(&format!("host {id}: finished {from:?}, now {to:?} (from {})", req.remote));
+        log(&format!(
+            "host {id}: finished {from:?}, now {to:?} (from {})",
+            req.remote
+        ));
         Ok(Response::text(200, to))
     }
 
@@ -588,7 +596,10 @@ impl Service {
             ));
         }
         if req.body.len() > MAX_BODY {
-            return Err(Response::error(413, format!("body larger than {MAX_BODY} bytes")));
+            return Err(Response::error(
+                413,
+                format!("body larger than {MAX_BODY} bytes"),
+            ));
         }
         let form = Params::parse(&req.body, "form").map_err(|e| Response::error(400, e))?;
         let mut macs = Vec::new();
@@ -604,12 +615,20 @@ impl Service {
                 "metadata" => match serde_json::from_str::<Value>(v) {
                     Ok(Value::Object(m)) => merge(&mut metadata, m),
                     Ok(_) => return Err(Response::error(400, "metadata must be a JSON object")),
-                    Err(e) => return Err(Response::error(400, format!("metadata is not valid JSON: {e}"))),
+                    Err(e) => {
+                        return Err(Response::error(
+                            400,
+                            format!("metadata is not valid JSON: {e}"),
+                        ))
+                    }
                 },
                 other => {
                     return Err(Response::error(
                         400,
-                        format!("unknown form field {:?} (expected mac, metadata)", shorten(other)),
+                        format!(
+                            "unknown form field {:?} (expected mac, metadata)",
+                            shorten(other)
+                        ),
                     ))
                 }
             }
@@ -638,17 +657,17 @@ impl Service {
                     .iter()
                     .find(|o| **o != id)
                 {
-                    return Err(Response::error(409, format!("MAC {m} belongs to host {other}")));
+                    return Err(Response::error(
+                        409,
+                        format!("MAC {m} belongs to host {other}"),
+                    ));
                 }
             }
             Ok(())
         };
         check(&*self.snapshot()?)?;
         let remote = req.remote.clone();
-        let macs_to_add: Vec<Mac> = form
-            .all("mac")
-            .filter_map(|m| Mac::parse(m).ok())
-            .collect();
+        let macs_to_add: Vec<Mac> = form.all("mac").filter_map(|m| Mac::parse(m).ok()).collect();
         let result = self
             .store
             .modify(move |txn| -> Result<String, Response> {
@@ -784,7 +803,13 @@ fn boot_change(
                 })
                 .expect("identified host exists");
             if started {
-                txn.record(Event::now(id, &host.state, &host.state, "install-boot", remote));
+                txn.record(Event::now(
+                    id,
+                    &host.state,
+                    &host.state,
+                    "install-boot",
+                    remote,
+                ));
             }
             BootOutcome::Host {
                 host,
@@ -850,13 +875,15 @@ pub fn server_address(req: &Request) -> (String, String) {
     (ip, fallback_port)
 }
 
-/// Text that iPXE prints as it is: no setting expansion, no control
-/// characters.
+/// Text that iPXE's `echo` prints as it is: no setting expansion, no
+/// `&&`/`||` that would chain a command, no control characters.
 pub fn ipxe_safe(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect::<String>()
         .replace("${", "$ {")
+        .replace("&&", "& &")
+        .replace("||", "| |")
 }
 
 /// An iPXE script that explains why this machine is not booted, waits and
@@ -901,10 +928,15 @@ mod tests {
         assert_eq!(p.one("x").unwrap(), Some("a b"));
         assert_eq!(p.one("flag").unwrap(), Some(""));
         assert!(Params::parse(b"a=%ff", "q").unwrap_err().contains("UTF-8"));
-        assert!(Params::parse(b"a=%00", "q").unwrap_err().contains("control"));
+        assert!(Params::parse(b"a=%00", "q")
+            .unwrap_err()
+            .contains("control"));
         assert!(Params::parse(b"a=%4", "q").unwrap_err().contains("percent"));
         assert!(Params::parse(&vec![b'a'; MAX_QUERY + 1], "q").is_err());
-        let many: Vec<u8> = (0..=MAX_PARAMS).map(|i| format!("k{i}=1&")).collect::<String>().into_bytes();
+        let many: Vec<u8> = (0..=MAX_PARAMS)
+            .map(|i| format!("k{i}=1&"))
+            .collect::<String>()
+            .into_bytes();
         assert!(Params::parse(&many, "q").unwrap_err().contains("more than"));
         let dup = Params::parse(b"id=1&id=2", "q").unwrap();
         assert!(dup.one("id").is_err());
@@ -936,7 +968,10 @@ mod tests {
         let mut a = serde_json::json!({"x": {"y": 1, "z": 2}, "k": "v"});
         let b = serde_json::json!({"x": {"y": 3}, "n": [1]});
         merge(a.as_object_mut().unwrap(), b.as_object().unwrap().clone());
-        assert_eq!(a, serde_json::json!({"x": {"y": 3, "z": 2}, "k": "v", "n": [1]}));
+        assert_eq!(
+            a,
+            serde_json::json!({"x": {"y": 3, "z": 2}, "k": "v", "n": [1]})
+        );
     }
 
     #[test]
@@ -944,15 +979,20 @@ mod tests {
         let a = new_bootid().unwrap();
         let b = new_bootid().unwrap();
         assert_eq!(a.len(), 32);
-        assert!(a.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
     }
 
     #[test]
     fn error_scripts_neutralise_ipxe_expansion() {
-        let r = ipxe_error(&["serial ${evil}\nreboot".into()]);
+        let r = ipxe_error(&["serial ${evil}\nreboot || shell && x".into()]);
         let body = String::from_utf8(r.body).unwrap();
         assert!(body.starts_with("#!ipxe\n"));
-        assert!(body.contains("echo   serial $ {evil}?reboot\n"), "{body}");
+        assert!(
+            body.contains("echo   serial $ {evil}?reboot | | shell & & x\n"),
+            "{body}"
+        );
     }
 }

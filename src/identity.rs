@@ -42,12 +42,16 @@ impl Mac {
         }
         let mut mac = [0u8; 6];
         for (i, pair) in digits.chunks(2).enumerate() {
-            let hex = std::str::from_utf8(pair).map_err(|_| format!("invalid MAC address {:?}", shorten(text)))?;
+            let hex = std::str::from_utf8(pair)
+                .map_err(|_| format!("invalid MAC address {:?}", shorten(text)))?;
             mac[i] = u8::from_str_radix(hex, 16)
                 .map_err(|_| format!("invalid MAC address {:?}", shorten(text)))?;
         }
         if mac == [0; 6] || mac == [0xff; 6] {
-            return Err(format!("MAC address {} is not a machine's address", Mac(mac)));
+            return Err(format!(
+                "MAC address {} is not a machine's address",
+                Mac(mac)
+            ));
         }
         if mac[0] & 1 == 1 {
             return Err(format!("MAC address {} is a multicast address", Mac(mac)));
@@ -188,7 +192,7 @@ impl Placeholders {
     pub fn serial_key(&self, serial: &str) -> Option<String> {
         let trimmed = serial.trim();
         let lower = trimmed.to_lowercase();
-        if lower.is_empty() || self.serials.iter().any(|p| *p == lower) {
+        if lower.is_empty() || self.serials.contains(&lower) {
             return None;
         }
         let mut chars = lower.chars().filter(|c| !c.is_whitespace());
@@ -208,7 +212,7 @@ impl Placeholders {
         if hex.chars().all(|c| c == '0') || hex.chars().all(|c| c == 'f') {
             return None;
         }
-        if self.uuids.iter().any(|p| *p == canonical) {
+        if self.uuids.contains(&canonical) {
             return None;
         }
         Some(canonical)
@@ -263,9 +267,16 @@ mod tests {
             "5254.00ab.cdef",
             " 52:54:00:AB:cd:EF ",
         ] {
-            assert_eq!(Mac::parse(s).unwrap().to_string(), "52:54:00:AB:CD:EF", "{s}");
+            assert_eq!(
+                Mac::parse(s).unwrap().to_string(),
+                "52:54:00:AB:CD:EF",
+                "{s}"
+            );
         }
-        assert_eq!(Mac::parse("52:54:00:ab:cd:ef").unwrap().hexhyp(), "52-54-00-ab-cd-ef");
+        assert_eq!(
+            Mac::parse("52:54:00:ab:cd:ef").unwrap().hexhyp(),
+            "52-54-00-ab-cd-ef"
+        );
     }
 
     #[test]
@@ -288,15 +299,27 @@ mod tests {
 
     #[test]
     fn mac_list_round_trip() {
-        let (good, bad) = parse_mac_list("52:54:00:00:00:01  52-54-00-00-00-02,bogus 52:54:00:00:00:01");
-        assert_eq!(format_mac_list(&good), "52:54:00:00:00:01 52:54:00:00:00:02");
+        let (good, bad) =
+            parse_mac_list("52:54:00:00:00:01  52-54-00-00-00-02,bogus 52:54:00:00:00:01");
+        assert_eq!(
+            format_mac_list(&good),
+            "52:54:00:00:00:01 52:54:00:00:00:02"
+        );
         assert_eq!(bad, vec!["bogus".to_string()]);
     }
 
     #[test]
     fn placeholder_serials_do_not_identify() {
         let p = Placeholders::default();
-        for s in ["", "  ", "To be filled by O.E.M.", "default STRING", "0000000", "XXXXXX", "0123456789"] {
+        for s in [
+            "",
+            "  ",
+            "To be filled by O.E.M.",
+            "default STRING",
+            "0000000",
+            "XXXXXX",
+            "0123456789",
+        ] {
             assert_eq!(p.serial_key(s), None, "{s:?}");
         }
         assert_eq!(p.serial_key("SN 1234#5").as_deref(), Some("SN 1234#5"));
@@ -308,7 +331,8 @@ mod tests {
     fn uuids_canonicalise_and_placeholders_drop() {
         let p = Placeholders::default();
         assert_eq!(
-            p.uuid_key("{4C4C4544-0042-3510-8052-B4C04F384A32}").as_deref(),
+            p.uuid_key("{4C4C4544-0042-3510-8052-B4C04F384A32}")
+                .as_deref(),
             Some("4c4c4544-0042-3510-8052-b4c04f384a32")
         );
         assert_eq!(

@@ -401,6 +401,24 @@ fn no_valid_mac_registers_nothing() {
     assert!(s.events().is_empty());
 }
 
+/// HEAD must not have the effects of GET: no registration, no bootid.
+#[test]
+fn regression_head_on_state_changing_paths_changes_nothing() {
+    let s = stack_with_hosts(json!([host(1, "52:54:00:00:00:01", "SN-1", "image1")]));
+    let before = s.db_stamp();
+    for q in [
+        "/bootstrap?net0=52-54-00-00-00-09",
+        "/bootstrap?net0=52-54-00-00-00-01",
+        "/finish?id=1&bootid=00000000000000000000000000000000",
+        "/post-install?id=1&bootid=00000000000000000000000000000000",
+    ] {
+        let r = s.request("HEAD", q, &[], b"");
+        assert_eq!(r.status, 405, "HEAD {q}");
+    }
+    assert_unchanged(&s, &before, "HEAD requests");
+    assert!(s.events().is_empty());
+}
+
 /// A NIC that reports an unusable MAC (all zeros, as some firmware does for
 /// unconfigured ports) must not keep a machine whose other MACs are valid
 /// from booting.
