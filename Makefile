@@ -8,7 +8,7 @@ CARGO ?= cargo
 APT_GET = DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
 # Debian packages per purpose.
-SERVE_PKGS = nginx
+SERVE_PKGS = $(if $(filter lighttpd,$(WEB)),lighttpd,nginx)
 TEST_PKGS = nginx curl dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
 	lighttpd rpm systemd git
 RPM_PKGS = rpm

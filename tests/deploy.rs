@@ -699,7 +699,6 @@ fn stack_under_lighttpd_serve_sh() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     fs::write(image.join("image1.xz"), &data).unwrap();
-    fs::write(image.join("host.tmpl"), "#!ipxe\necho @state@\n").unwrap();
     fs::write(image.join(".secret"), "x").unwrap();
     let r = get(&format!("{base}/images/image1/image1.xz"));
     assert_eq!(r.status, 200);
@@ -721,6 +720,12 @@ fn stack_under_lighttpd_serve_sh() {
         (r.status, r.body.as_slice()),
         (206, &data[data.len() - 100..])
     );
+    // A machine registers and boots through the whole stack.
+    boot_lifecycle(port, &root);
+
+    // With its own host.tmpl, image1 is rendered from there now; the
+    // template, hidden files and directory listings are not served.
+    fs::write(image.join("host.tmpl"), "#!ipxe\necho @state@\n").unwrap();
     for path in [
         "/images/image1/host.tmpl",
         "/images/image1/.secret",
@@ -728,10 +733,6 @@ fn stack_under_lighttpd_serve_sh() {
     ] {
         assert_eq!(get(&format!("{base}{path}")).status, 404, "{path}");
     }
-
-    // A machine registers and boots through the whole stack.
-    boot_lifecycle(port, &root);
-    // With its own host.tmpl, image1 is rendered from there now.
     let mut hosts = read_db(&root).as_array().unwrap().clone();
     hosts.push(serde_json::json!({"id": 3, "macs": "52:54:00:AA:BB:03", "state": "image1"}));
     fs::write(
