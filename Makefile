@@ -73,9 +73,10 @@ bench: deps-bench build
 # The man page, generated from the CLI definition; a test fails when the
 # committed page differs.
 man: deps-build
-	$(CARGO) build --locked --bin kiwispray-hosts
+	$(CARGO) build --locked --bin kiwispray-hosts --bin kiwispray-fcgi
 	mkdir -p man
 	./target/debug/kiwispray-hosts --generate-man > man/kiwispray-hosts.1
+	./target/debug/kiwispray-fcgi --generate-man > man/kiwispray-fcgi.8
 
 clean:
 	$(CARGO) clean

@@ -520,26 +520,54 @@ impl Service {
     fn post_install(&self, req: &Request, params: &Params) -> Result<Response, Response> {
         let db = self.snapshot()?;
         let (host, _) = Self::installing_host(&db, params)?;
-        let state = host.current_state().to_string();
+        self.post_install_script(req, &host).inspect_err(|r| {
+            if r.status == 500 {
+                log(&format!(
+                    "host {}: {}",
+                    host.id,
+                    String::from_utf8_lossy(&r.body).trim_end()
+                ));
+            }
+        })
+    }
+
+    /// The post-install script of a host, by its current state.
+    fn post_install_script(&self, req: &Request, host: &Host) -> Result<Response, Response> {
         let candidates = vec![
             self.config
                 .images_dir()
-                .join(&state)
+                .join(host.current_state())
                 .join("post_install.tmpl"),
             self.config.templates_dir().join("post_install.tmpl"),
         ];
-        let ctx = self.context(req, &host, None);
+        let ctx = self.context(req, host, None);
         match self.render_first(&candidates, &ctx) {
             Ok(Some(text)) => Ok(Response::text(200, text)),
             Ok(None) => Err(Response::error(
                 404,
                 format!("no post-install template ({})", list_paths(&candidates)),
             )),
-            Err(msg) => {
-                log(&format!("host {}: {msg}", host.id));
-                Err(Response::error(500, msg))
-            }
+            Err(msg) => Err(Response::error(500, msg)),
         }
+    }
+
+    /// What `/bootstrap` would serve `host` now, had it come in on
+    /// `server_ip:server_port`, without changing anything (the bootid it
+    /// shows is the current one, not a fresh one).
+    pub fn preview_boot(&self, host: &Host, server_ip: &str, server_port: &str) -> Response {
+        let req = preview_request(server_ip, server_port);
+        self.boot_script(&req, host, &Facts::default())
+    }
+
+    /// What `/post-install` serves `host` while it is being installed.
+    pub fn preview_post_install(
+        &self,
+        host: &Host,
+        server_ip: &str,
+        server_port: &str,
+    ) -> Result<Response, Response> {
+        let req = preview_request(server_ip, server_port);
+        self.post_install_script(&req, host)
     }
 
     fn finish(&self, req: &Request, params: &Params) -> Result<Response, Response> {
@@ -697,6 +725,17 @@ impl Service {
     fn hosts(&self) -> Result<Response, Response> {
         let db = self.snapshot()?;
         Ok(Response::text(200, host_table(&db)))
+    }
+}
+
+/// A request as a machine reaching `server_ip:server_port` would send it.
+fn preview_request(server_ip: &str, server_port: &str) -> Request {
+    Request {
+        method: "GET".into(),
+        host_header: format!("{server_ip}:{server_port}"),
+        server_addr: server_ip.trim_matches(|c| c == '[' || c == ']').into(),
+        server_port: server_port.into(),
+        ..Request::default()
     }
 }
 

@@ -26,7 +26,11 @@ pub fn request_from(
     } else if !script.is_empty() {
         script
     } else {
-        get("REQUEST_URI").split('?').next().unwrap_or("").to_string()
+        get("REQUEST_URI")
+            .split('?')
+            .next()
+            .unwrap_or("")
+            .to_string()
     };
     let mut req = Request {
         method: get("REQUEST_METHOD").to_ascii_uppercase(),

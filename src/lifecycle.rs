@@ -267,7 +267,10 @@ mod tests {
         assert_eq!(next_boot("new"), NextBoot::Wait);
         assert_eq!(next_boot("finished"), NextBoot::LocalDisk);
         assert_eq!(next_boot("wipe,image1"), NextBoot::Install("wipe".into()));
-        assert_eq!(next_boot("discover,new"), NextBoot::Install("discover".into()));
+        assert_eq!(
+            next_boot("discover,new"),
+            NextBoot::Install("discover".into())
+        );
         for bad in ["..", "../etc", "a/b", ".hidden", "", "x y", "a\0b"] {
             assert!(matches!(next_boot(bad), NextBoot::Refuse(_)), "{bad:?}");
         }

@@ -117,7 +117,9 @@ impl Template {
             }
             let after = &rest[name_len..];
             let (filter, consumed) = if let Some(f) = after.strip_prefix('|') {
-                let flen = f.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(f.len());
+                let flen = f
+                    .find(|c: char| !c.is_ascii_alphanumeric())
+                    .unwrap_or(f.len());
                 if !f[flen..].starts_with('@') || flen == 0 {
                     i += 1;
                     continue;
@@ -167,12 +169,14 @@ impl Template {
             segments,
         };
         // Compile once now so that any problem shows at load time.
-        template.render(&Value::Null).map_err(|message| TemplateError {
-            path: path.to_path_buf(),
-            line: 1,
-            column: 1,
-            message,
-        })?;
+        template
+            .render(&Value::Null)
+            .map_err(|message| TemplateError {
+                path: path.to_path_buf(),
+                line: 1,
+                column: 1,
+                message,
+            })?;
         Ok(template)
     }
 
@@ -322,7 +326,13 @@ impl Templates {
                 })
             }
         };
-        let id = (meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec());
+        let id = (
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        );
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((cached_id, result)) = cache.get(path) {
             if *cached_id == id {
@@ -403,7 +413,8 @@ mod tests {
 
     #[test]
     fn dotted_paths_and_filters() {
-        let ctx = json!({"metadata": {"net": {"vlan": 12, "name": "it's a & b"}, "list": ["x", "y"]}});
+        let ctx =
+            json!({"metadata": {"net": {"vlan": 12, "name": "it's a & b"}, "list": ["x", "y"]}});
         assert_eq!(render("@metadata.net.vlan@", ctx.clone()), "12");
         assert_eq!(render("@metadata.list.1@", ctx.clone()), "y");
         assert_eq!(
@@ -414,23 +425,36 @@ mod tests {
             render("?n=@metadata.net.name|url@", ctx.clone()),
             "?n=it%27s%20a%20%26%20b"
         );
-        assert_eq!(render("@metadata.net|json@", ctx.clone()), "{\"name\":\"it's a & b\",\"vlan\":12}");
-        assert_eq!(render("@metadata.net@", ctx), "{\"name\":\"it's a & b\",\"vlan\":12}");
+        assert_eq!(
+            render("@metadata.net|json@", ctx.clone()),
+            "{\"name\":\"it's a & b\",\"vlan\":12}"
+        );
+        assert_eq!(
+            render("@metadata.net@", ctx),
+            "{\"name\":\"it's a & b\",\"vlan\":12}"
+        );
     }
 
     #[test]
     fn stray_at_signs_are_text() {
         let ctx = json!({"id": 1});
-        assert_eq!(render("mail root@example.com @ @@ @id", ctx.clone()), "mail root@example.com @ @@ @id");
+        assert_eq!(
+            render("mail root@example.com @ @@ @id", ctx.clone()),
+            "mail root@example.com @ @@ @id"
+        );
         assert_eq!(render("a@id@b@id@", ctx.clone()), "a1b1");
         assert_eq!(render("x|y @id|@ @.id@", ctx), "x|y @id|@ @.id@");
     }
 
     #[test]
     fn unknown_filter_reports_position() {
-        let err = Template::parse(Path::new("/r/t.tmpl"), "#!ipxe\necho ok\n  x @id|html@").unwrap_err();
+        let err =
+            Template::parse(Path::new("/r/t.tmpl"), "#!ipxe\necho ok\n  x @id|html@").unwrap_err();
         assert_eq!((err.line, err.column), (3, 5));
-        assert!(err.to_string().starts_with("template /r/t.tmpl:3:5: "), "{err}");
+        assert!(
+            err.to_string().starts_with("template /r/t.tmpl:3:5: "),
+            "{err}"
+        );
         assert!(err.message.contains("html"));
     }
 
@@ -453,10 +477,23 @@ mod tests {
         let cache = Templates::default();
         assert!(cache.load(&p).unwrap().is_none());
         fs::write(&p, "one @id@").unwrap();
-        assert_eq!(cache.load(&p).unwrap().unwrap().render(&json!({"id": 1})).unwrap(), "one 1");
+        assert_eq!(
+            cache
+                .load(&p)
+                .unwrap()
+                .unwrap()
+                .render(&json!({"id": 1}))
+                .unwrap(),
+            "one 1"
+        );
         fs::write(&p, "two, longer @id@").unwrap();
         assert_eq!(
-            cache.load(&p).unwrap().unwrap().render(&json!({"id": 1})).unwrap(),
+            cache
+                .load(&p)
+                .unwrap()
+                .unwrap()
+                .render(&json!({"id": 1}))
+                .unwrap(),
             "two, longer 1"
         );
         fs::write(&p, b"ok\nab\xffc").unwrap();

@@ -45,6 +45,9 @@ struct Args {
     /// Answer one CGI request even if fd 0 is a socket.
     #[arg(long)]
     cgi: bool,
+    /// Print the man page (roff) and exit.
+    #[arg(long, hide = true)]
+    generate_man: bool,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -108,6 +111,11 @@ fn systemd_socket() -> Option<RawFd> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.generate_man {
+        let command = <Args as clap::CommandFactory>::command();
+        print!("{}", kiwispray::cli::man::render(&command, "8"));
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load(&args.root, args.config.as_deref()) {
         Ok(mut c) => {
             c.discover |= args.discover;

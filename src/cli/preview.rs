@@ -1,17 +1,12 @@
 //! `kiwispray-hosts render`: what `/bootstrap` or `/post-install` would
-//! serve a host right now, without changing anything. The template lookup
-//! order and the template context follow the boot service's
-//! ([`crate::api`]); a preview has no request, so `@SERVER_IP@` and
+//! serve a host right now, without changing anything. The boot service
+//! ([`crate::api::Service`]) renders it; a preview has no request, so `@SERVER_IP@` and
 //! `@SERVER_PORT@` come from `--server`, the settings, or this machine's
 //! first global address and port 5000.
 
 use super::{hosts::resolve, out, Ctx, Error, Exit, RenderArgs, Result};
-use crate::api::{ipxe_error, ipxe_safe};
-use crate::hosts::{Host, STATE_DISCOVER};
-use crate::lifecycle::{self, NextBoot};
-use crate::render::Templates;
-use serde_json::{Map, Value};
-use std::path::PathBuf;
+use crate::api::{Response, Service};
+use crate::lifecycle;
 use std::process::{Command, Stdio};
 
 /// The port of the boot service when nothing else says.
@@ -81,125 +76,17 @@ pub fn server(ctx: &Ctx, given: Option<&str>) -> Result<(String, String)> {
     ))
 }
 
-/// The template context, as [`crate::api`] builds it for a request with
-/// no hardware facts.
-pub fn context(host: &Host, ip: &str, port: &str) -> Value {
-    let mut ctx = match host.to_value() {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    };
-    ctx.insert("state".into(), host.current_state().into());
-    ctx.insert("chain".into(), host.state.clone().into());
-    if host.bootid.is_none() {
-        ctx.remove("bootid");
-    }
-    ctx.insert("HOST".into(), host.id.into());
-    ctx.insert("SERVER_IP".into(), ip.into());
-    ctx.insert("SERVER_PORT".into(), port.into());
-    ctx.insert("BASE_URL".into(), format!("http://{ip}:{port}").into());
-    let data = [
-        format!("id={}", host.id),
-        format!("hostname={}", host.hostname),
-        format!("state={}", host.state),
-        format!("macs={}", host.macs.replace(' ', ",")),
-        format!("serial={:?}", host.serial),
-        format!("uuid={}", host.uuid),
-    ];
-    let mut request = Map::new();
-    request.insert("remote".into(), "".into());
-    ctx.insert("request".into(), Value::Object(request));
-    ctx.insert("HOST_DATA".into(), ipxe_safe(&data.join(" ")).into());
-    Value::Object(ctx)
-}
-
-/// The templates `/bootstrap` tries for a host, in order; `Err` when the
-/// host cannot be booted at all (the reason).
-pub fn boot_candidates(ctx: &Ctx, host: &Host) -> std::result::Result<Vec<PathBuf>, String> {
-    let tdir = ctx.config.templates_dir();
-    Ok(match lifecycle::next_boot(&host.state) {
-        NextBoot::Wait => vec![tdir.join("new.tmpl")],
-        NextBoot::LocalDisk => vec![tdir.join("finished.tmpl")],
-        NextBoot::Refuse(reason) => return Err(reason),
-        NextBoot::Install(s) if s == STATE_DISCOVER && host.bootid.is_none() => {
-            vec![tdir.join("new.tmpl")]
-        }
-        NextBoot::Install(s) => vec![
-            ctx.config.images_dir().join(&s).join("host.tmpl"),
-            tdir.join(format!("{s}.tmpl")),
-            tdir.join("known_host.tmpl"),
-        ],
-    })
-}
-
-/// The templates `/post-install` tries for a host, in order.
-pub fn post_install_candidates(ctx: &Ctx, host: &Host) -> Vec<PathBuf> {
-    vec![
-        ctx.config
-            .images_dir()
-            .join(host.current_state())
-            .join("post_install.tmpl"),
-        ctx.config.templates_dir().join("post_install.tmpl"),
-    ]
-}
-
-fn list_paths(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Renders the first existing template; `Ok(None)` if none exists.
-fn render_first(
-    candidates: &[PathBuf],
-    ctx: &Value,
-) -> std::result::Result<Option<String>, String> {
-    let templates = Templates::default();
-    for path in candidates {
-        let t = match templates.load(path) {
-            Ok(Some(t)) => t,
-            Ok(None) => continue,
-            Err(e) => return Err(e.to_string()),
-        };
-        return t
-            .render(ctx)
-            .map(Some)
-            .map_err(|e| format!("template {}: {e}", path.display()));
-    }
-    Ok(None)
-}
-
-/// The body as the handler sends it: `Response::text` ends it with a
-/// newline.
-fn with_newline(mut text: String) -> String {
-    if !text.ends_with('\n') {
-        text.push('\n');
-    }
-    text
-}
-
-fn body(r: crate::api::Response) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
-}
-
 pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
     let (ip, port) = server(ctx, a.server.as_deref())?;
-    let db = ctx.store().snapshot()?;
+    let service = Service::new(ctx.config.clone());
+    let db = service.store.snapshot()?;
     let id = resolve(&db, &a.host)?;
     let host = db.get(id).expect("resolved");
-    let values = context(host, &ip, &port);
-    if a.post_install {
-        let candidates = post_install_candidates(ctx, host);
-        let text = match render_first(&candidates, &values) {
-            Ok(Some(text)) => with_newline(text),
-            Ok(None) => {
-                return Err(Error::not_found(format!(
-                    "no post-install template ({})",
-                    list_paths(&candidates)
-                )))
-            }
-            Err(msg) => return Err(Error::usage(format!("host {id}: {msg}"))),
+    let response = if a.post_install {
+        let response = match service.preview_post_install(host, &ip, &port) {
+            Ok(r) => r,
+            Err(r) if r.status == 404 => return Err(Error::not_found(body(&r))),
+            Err(r) => return Err(Error::usage(format!("host {id}: {}", body(&r)))),
         };
         if !lifecycle::installing(host) {
             eprintln!(
@@ -208,33 +95,20 @@ pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
                 host.state
             );
         }
-        out(&text)?;
-        return Ok(Exit::Ok);
-    }
-    let text = match boot_candidates(ctx, host) {
-        Err(reason) => {
-            eprintln!("kiwispray-hosts: note: host {id} cannot be booted: {reason}");
-            body(ipxe_error(&[format!("host {id}: {reason}")]))
-        }
-        Ok(candidates) => match render_first(&candidates, &values) {
-            Ok(Some(text)) => with_newline(text),
-            Ok(None) => {
-                let msg = format!(
-                    "host {id}: no template for state {:?} (looked for {})",
-                    host.current_state(),
-                    list_paths(&candidates)
-                );
-                eprintln!("kiwispray-hosts: note: {msg}");
-                body(ipxe_error(&[msg]))
-            }
-            Err(msg) => {
-                eprintln!("kiwispray-hosts: note: host {id}: {msg}");
-                body(ipxe_error(&[format!("host {id}: {msg}")]))
-            }
-        },
+        response
+    } else {
+        service.preview_boot(host, &ip, &port)
     };
-    out(&text)?;
+    out(&String::from_utf8_lossy(&response.body))?;
     Ok(Exit::Ok)
+}
+
+/// An error response's one-line reason.
+fn body(r: &Response) -> String {
+    let text = String::from_utf8_lossy(&r.body);
+    text.trim_end()
+        .trim_start_matches("kiwispray: ")
+        .to_string()
 }
 
 #[cfg(test)]
