@@ -155,12 +155,17 @@ impl std::fmt::Display for Key {
     }
 }
 
-/// The whole database. Cheap to clone: hosts are shared until changed.
+/// The whole database. Cheap to clone: the host list and both indexes are
+/// shared between clones and copied only when a clone changes them, and
+/// each host is shared until it is changed. A write that changes one host
+/// therefore copies one list of pointers, not the hosts or the indexes.
 #[derive(Debug, Clone, Default)]
 pub struct Database {
-    entries: Vec<Arc<Entry>>,
-    by_id: HashMap<u64, usize>,
-    by_key: HashMap<Key, Vec<u64>>,
+    entries: Arc<Vec<Arc<Entry>>>,
+    by_id: Arc<HashMap<u64, usize>>,
+    by_key: Arc<HashMap<Key, Vec<u64>>>,
+    /// The highest id in use (0 when empty), so `next_id` is O(1).
+    max_id: u64,
     placeholders: Arc<Placeholders>,
     changed: bool,
 }
@@ -205,45 +210,52 @@ impl Database {
             }
         }
         let mut db = Database::empty(placeholders);
-        db.entries = hosts.into_iter().map(|h| Arc::new(Entry::new(h))).collect();
+        db.entries = Arc::new(hosts.into_iter().map(|h| Arc::new(Entry::new(h))).collect());
         db.reindex();
         Ok(db)
     }
 
     /// The database as the file stores it.
     pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(
-            self.entries.iter().map(|e| e.json.len() + 6).sum::<usize>() + 4,
-        );
+        let mut out =
+            Vec::with_capacity(self.entries.iter().map(|e| e.json.len() + 6).sum::<usize>() + 4);
+        self.write_json(&mut out)
+            .expect("writing to memory does not fail");
+        String::from_utf8(out).expect("serde_json writes UTF-8")
+    }
+
+    /// Writes the file's contents to `w` (the same bytes as [`Self::to_json`])
+    /// without building them in memory first: each host's JSON is kept
+    /// from when it was loaded or last changed.
+    pub fn write_json(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
         if self.entries.is_empty() {
-            out.push_str("[]\n");
-            return out;
+            return w.write_all(b"[]\n");
         }
-        out.push_str("[\n");
+        w.write_all(b"[\n")?;
+        let last = self.entries.len() - 1;
         for (i, e) in self.entries.iter().enumerate() {
-            out.push_str("    ");
-            out.push_str(&e.json);
-            if i + 1 < self.entries.len() {
-                out.push(',');
-            }
-            out.push('\n');
+            w.write_all(b"    ")?;
+            w.write_all(e.json.as_bytes())?;
+            w.write_all(if i < last { b",\n" } else { b"\n" })?;
         }
-        out.push_str("]\n");
-        out
+        w.write_all(b"]\n")
     }
 
     fn reindex(&mut self) {
-        self.by_id.clear();
-        self.by_key.clear();
+        let mut by_id = HashMap::with_capacity(self.entries.len());
+        let mut by_key: HashMap<Key, Vec<u64>> = HashMap::with_capacity(self.entries.len() * 2);
         for (i, e) in self.entries.iter().enumerate() {
-            self.by_id.insert(e.host.id, i);
+            by_id.insert(e.host.id, i);
             for key in keys_of(&e.host, &self.placeholders) {
-                let ids = self.by_key.entry(key).or_default();
+                let ids = by_key.entry(key).or_default();
                 if !ids.contains(&e.host.id) {
                     ids.push(e.host.id);
                 }
             }
         }
+        self.max_id = by_id.keys().copied().max().unwrap_or(0);
+        self.by_id = Arc::new(by_id);
+        self.by_key = Arc::new(by_key);
     }
 
     pub fn placeholders(&self) -> &Placeholders {
@@ -273,7 +285,7 @@ impl Database {
 
     /// The id a new host gets: one more than the highest in use.
     pub fn next_id(&self) -> u64 {
-        self.by_id.keys().max().map_or(1, |m| m + 1)
+        self.max_id + 1
     }
 
     /// Whether anything was changed since the database was loaded.
@@ -294,11 +306,13 @@ impl Database {
         let i = self.entries.len();
         let id = host.id;
         let keys = keys_of(&host, &self.placeholders);
-        self.entries.push(Arc::new(Entry::new(host)));
-        self.by_id.insert(id, i);
+        Arc::make_mut(&mut self.entries).push(Arc::new(Entry::new(host)));
+        Arc::make_mut(&mut self.by_id).insert(id, i);
+        let by_key = Arc::make_mut(&mut self.by_key);
         for key in keys {
-            self.by_key.entry(key).or_default().push(id);
+            by_key.entry(key).or_default().push(id);
         }
+        self.max_id = self.max_id.max(id);
         self.changed = true;
         Ok(())
     }
@@ -314,22 +328,23 @@ impl Database {
             let old_keys = keys_of(&self.entries[i].host, &self.placeholders);
             let new_keys = keys_of(&host, &self.placeholders);
             if old_keys != new_keys {
+                let by_key = Arc::make_mut(&mut self.by_key);
                 for k in old_keys {
-                    if let Some(ids) = self.by_key.get_mut(&k) {
+                    if let Some(ids) = by_key.get_mut(&k) {
                         ids.retain(|x| *x != id);
                         if ids.is_empty() {
-                            self.by_key.remove(&k);
+                            by_key.remove(&k);
                         }
                     }
                 }
                 for k in new_keys {
-                    let ids = self.by_key.entry(k).or_default();
+                    let ids = by_key.entry(k).or_default();
                     if !ids.contains(&id) {
                         ids.push(id);
                     }
                 }
             }
-            self.entries[i] = Arc::new(Entry::new(host));
+            Arc::make_mut(&mut self.entries)[i] = Arc::new(Entry::new(host));
             self.changed = true;
         }
         Some(result)
@@ -338,7 +353,7 @@ impl Database {
     /// Removes a host and returns it.
     pub fn remove(&mut self, id: u64) -> Option<Host> {
         let i = *self.by_id.get(&id)?;
-        let entry = self.entries.remove(i);
+        let entry = Arc::make_mut(&mut self.entries).remove(i);
         self.changed = true;
         self.reindex();
         Some(entry.host.clone())
@@ -457,10 +472,12 @@ mod tests {
 
     #[test]
     fn errors_carry_line_and_column() {
-        let err = Database::parse(b"[\n {\"id\": 1,\n  \"macs\": }\n]", Default::default()).unwrap_err();
+        let err =
+            Database::parse(b"[\n {\"id\": 1,\n  \"macs\": }\n]", Default::default()).unwrap_err();
         assert_eq!(err.line, 3);
         assert!(err.column > 1);
-        let dup = Database::parse(b"[\n{\"id\": 1},\n{\"id\": 1}\n]", Default::default()).unwrap_err();
+        let dup =
+            Database::parse(b"[\n{\"id\": 1},\n{\"id\": 1}\n]", Default::default()).unwrap_err();
         assert_eq!(dup.line, 3);
         assert!(dup.message.contains("appears twice"), "{}", dup.message);
     }
