@@ -378,11 +378,7 @@ impl Inner {
 
     /// Runs the changes and saves the result. `replaced` receives the file
     /// that was replaced, still open, for the caller to close.
-    fn commit(
-        &self,
-        runs: Vec<Run>,
-        replaced: &mut Option<File>,
-    ) -> Result<(), StoreError> {
+    fn commit(&self, runs: Vec<Run>, replaced: &mut Option<File>) -> Result<(), StoreError> {
         let lock_file = OpenOptions::new()
             .create(true)
             .truncate(false)
