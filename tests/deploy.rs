@@ -862,10 +862,25 @@ fn rpm_builds_lists_its_files_and_installs_into_a_scratch_root() {
             "{name}"
         );
     }
-    let committed = text(&run(Command::new("git")
-        .args(["ls-tree", "--name-only", "HEAD", "man/", "README.md"])
-        .current_dir(repo())));
-    for f in committed.lines() {
+    // (What the tree has: the source tarball the RPM was built from, as
+    // HEAD may have moved on since.)
+    let sources = package.parent().unwrap().join("../../SOURCES");
+    let tarball = fs::read_dir(&sources)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.to_string_lossy().ends_with(".tar.gz") && !p.to_string_lossy().contains("-vendor")
+        })
+        .expect("the source tarball");
+    let listing = text(&run(Command::new("tar").arg("-tzf").arg(&tarball)));
+    let shipped: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_once('/').map(|(_, rest)| rest))
+        .filter(|f| {
+            f == &"README.md" || (f.starts_with("man/") && (f.ends_with(".1") || f.ends_with(".8")))
+        })
+        .collect();
+    for f in shipped {
         if let Some(page) = f.strip_prefix("man/") {
             let section = page.rsplit('.').next().unwrap();
             assert!(
