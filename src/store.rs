@@ -159,6 +159,8 @@ struct Inner {
     events_path: PathBuf,
     placeholders: Arc<Placeholders>,
     cache: Mutex<Cached>,
+    /// Whether temp files left by a killed writer were looked for.
+    swept: std::sync::atomic::AtomicBool,
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -188,6 +190,7 @@ impl Store {
                     result: Ok(Arc::new(Database::empty(placeholders.clone()))),
                 }),
                 placeholders,
+                swept: std::sync::atomic::AtomicBool::new(false),
             }),
             writer: Mutex::new(None),
         }
@@ -389,6 +392,9 @@ impl Inner {
         lock_file
             .lock_exclusive()
             .map_err(|e| io_error("lock", &self.lock_path, e))?;
+        if !self.swept.swap(true, Ordering::Relaxed) {
+            self.remove_stale_temp_files();
+        }
         let current = self.snapshot()?;
         let mut txn = Txn {
             db: (*current).clone(),
@@ -414,10 +420,23 @@ impl Inner {
         Ok(())
     }
 
-    /// Replaces the file atomically and durably, and makes `db` the cached
-    /// database in the same step as the rename. Returns the replaced file,
-    /// still open, so that its blocks are not freed inside the rename.
-    fn save(&self, db: Arc<Database>) -> Result<Option<File>, StoreError> {
+    /// Removes temp files of writers that were killed while saving. Temp
+    /// files are only written under the lock, which the caller holds, so
+    /// every one found belongs to a writer that is gone.
+    fn remove_stale_temp_files(&self) {
+        let (dir, name) = self.dir_and_name();
+        let prefix = format!(".{name}.tmp.");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    fn dir_and_name(&self) -> (PathBuf, String) {
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -427,6 +446,14 @@ impl Inner {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        (dir, name)
+    }
+
+    /// Replaces the file atomically and durably, and makes `db` the cached
+    /// database in the same step as the rename. Returns the replaced file,
+    /// still open, so that its blocks are not freed inside the rename.
+    fn save(&self, db: Arc<Database>) -> Result<Option<File>, StoreError> {
+        let (dir, name) = self.dir_and_name();
         let tmp = dir.join(format!(
             ".{name}.tmp.{}.{}",
             std::process::id(),
