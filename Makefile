@@ -9,12 +9,12 @@ APT_GET = DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
 # Debian packages per purpose.
 SERVE_PKGS = $(if $(filter lighttpd,$(WEB)),lighttpd,nginx)
-TEST_PKGS = nginx curl dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
+TEST_PKGS = nginx curl wrk dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
 	lighttpd rpm systemd git
 RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 
-.PHONY: all build serve test test-unit test-e2e lint fmt bench deps-build deps-serve deps-test deps-bench clean man \
+.PHONY: all build serve test test-unit test-bench-smoke test-e2e lint fmt bench deps-build deps-serve deps-test deps-bench clean man \
 	rpm deps-rpm install
 
 all: build
@@ -65,7 +65,12 @@ test-unit: deps-test
 test-e2e: deps-test build
 	./tests/e2e/run.sh
 
-test: lint test-unit test-e2e
+# A few seconds of the benchmark on tiny databases: checks that the stack
+# survives load and loses no registration (numbers are not judged).
+test-bench-smoke: deps-test build
+	./tests/bench/run.sh --smoke
+
+test: lint test-unit test-bench-smoke test-e2e
 
 bench: deps-bench build
 	./tests/bench/run.sh

@@ -195,10 +195,12 @@ NGINX
             "$base" $((j / 65536)) $((j / 256 % 256)) $((j % 256)) "$j" "$run" "$j" >>"$run/storm.curl"
     done
     t0=$(date +%s.%N)
+    # Like iPXE, a machine told 503 (Retry-After) asks again.
     curl -s --no-progress-meter --parallel --parallel-immediate --parallel-max "$storm_conns" --config "$run/storm.curl" \
-        -w '%{http_code}\n' >"$run/storm.codes" || true
+        --retry 5 -w '%{http_code}\n' >"$run/storm.codes" || true
     storm_s=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
     storm_ok=$(grep -c '^200$' "$run/storm.codes" || true)
+    storm_503=$(grep '/bootstrap?net0=52-54-00-' "$run/access.log" | grep -c '" 503 ' || true)
     ids=$(cat "$run"/storm/* | grep -ho 'registered as host [0-9]*' | awk '{ print $4 }' | sort -n)
     storm_ids=$(printf '%s\n' "$ids" | grep -c . || true)
     storm_dup=$(printf '%s\n' "$ids" | uniq -d | grep -c . || true)
@@ -233,7 +235,7 @@ NGINX
     ks_mbs=$(awk -v b="$ks_bps" 'BEGIN { printf "%.0f", b / 1048576 }')
     plain_mbs=$(awk -v b="$plain_bps" 'BEGIN { printf "%.0f", b / 1048576 }')
 
-    rows+=("| $size | $static_rps | $fin_rps_now | $(ratio "$fin_rps_now" "$static_rps") | $inst_rps | $storm_s s, $storm_ok/$storm, lost $storm_lost, dup $storm_dup | $ks_mbs / $plain_mbs MiB/s ($(ratio "$ks_bps" "$plain_bps")) | $ks_range / $plain_range ($(ratio "$ks_range" "$plain_range")) | $rss_idle / $rss / $hwm | $threads | $load_s s |")
+    rows+=("| $size | $static_rps | $fin_rps_now | $(ratio "$fin_rps_now" "$static_rps") | $inst_rps | $storm_s s, $storm_ok/$storm, lost $storm_lost, dup $storm_dup, 503 $storm_503 | $ks_mbs / $plain_mbs MiB/s ($(ratio "$ks_bps" "$plain_bps")) | $ks_range / $plain_range ($(ratio "$ks_range" "$plain_range")) | $rss_idle / $rss / $hwm | $threads | $load_s s |")
     cleanup
 done
 
