@@ -202,15 +202,13 @@ impl Template {
             };
             if !text.is_empty() {
                 // tinytemplate reads every `{`; `\{` is its literal brace.
-                // A backslash that ends a text run would escape the value
-                // tag after it, so it is passed as a value instead.
-                let (body, trailing_backslash) = match text.strip_suffix('\\') {
-                    Some(b) => (b, true),
-                    None => (text, false),
-                };
+                // Backslashes that end a text run would escape the value
+                // tag after them, so they are passed as a value instead.
+                let body = text.trim_end_matches('\\');
+                let trailing = &text[body.len()..];
                 source.push_str(&body.replace('{', "\\{"));
-                if trailing_backslash {
-                    push_value(&mut source, &mut values, Value::from("\\"), Filter::Raw);
+                if !trailing.is_empty() {
+                    push_value(&mut source, &mut values, Value::from(trailing), Filter::Raw);
                 }
             }
             if let Some((v, f)) = value {
@@ -383,6 +381,10 @@ mod tests {
         let text = "#!ipxe\nchain ${base}/x?mac=${net0/mac:hexhyp} || goto fail\n\
                     f() { echo {a,b} \\{x\\} ; }\nid=@id@ \\@id@ end\\";
         let out = render(text, json!({"id": 7}));
+        assert_eq!(
+            render("a\\\\@id@ b\\\\\\{@id@", json!({"id": 1})),
+            "a\\\\1 b\\\\\\{1"
+        );
         assert_eq!(
             out,
             "#!ipxe\nchain ${base}/x?mac=${net0/mac:hexhyp} || goto fail\n\
