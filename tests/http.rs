@@ -627,6 +627,74 @@ fn post_install_answers_only_the_current_bootid() {
     assert_unchanged(&s, &before, "post-install");
 }
 
+/// The shipped post-install script, run for real: hostile metadata lands
+/// byte for byte where it belongs, runs nothing, and /finish is reported.
+#[test]
+fn shipped_post_install_runs_safely_and_reports_finish() {
+    let s = stack_with_hosts(json!([
+        host(1, "52:54:00:00:00:01", "SN-1", "image1,image2"),
+        host(2, "52:54:00:00:00:02", "SN-2", "image1"),
+    ]));
+    let target = common::TempDir::new("post-install-target");
+    let pwned = target.path().join("pwned");
+    let key = format!(
+        "ssh-ed25519 AAAA x@y\nKS_END\ntouch {p}\n'$(touch {p})' \"`touch {p}`\"",
+        p = pwned.display()
+    );
+    let hostname = format!("web-1'; touch {}; '", pwned.display());
+    let metadata = json!({"ssh_key": key, "role": "it's & <web> ${x}"});
+    s.edit_host(1, |h| {
+        h.insert("hostname".into(), json!(hostname));
+        h.insert("metadata".into(), metadata.clone());
+    });
+    let run = |id: u64| {
+        boot(&s, &[&format!("52-54-00-00-00-0{id}")], "", "");
+        let bootid = s.field(id, "bootid");
+        let r = s.get(&format!("/post-install?id={id}&bootid={bootid}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let root = target.path().join(format!("host{id}"));
+        fs::create_dir_all(&root).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r.text())
+            .env("KS_ROOT", &root)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && stdout.contains(&format!("host {id} reported finished")),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        root
+    };
+    let root = run(1);
+    assert!(!pwned.exists(), "a metadata value ran a command");
+    assert_eq!(
+        fs::read_to_string(root.join("etc/hostname")).unwrap(),
+        format!("{hostname}\n")
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("root/.ssh/authorized_keys")).unwrap(),
+        format!("{key}\n")
+    );
+    let written: Value = serde_json::from_str(
+        &fs::read_to_string(root.join("etc/kiwispray/metadata.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(written, metadata);
+    assert_eq!(s.field(1, "state"), "image2");
+    // No metadata and no hostname: nothing is installed for them.
+    let root = run(2);
+    assert!(!root.join("root/.ssh").exists());
+    assert!(!root.join("etc/hostname").exists());
+    assert_eq!(
+        fs::read_to_string(root.join("etc/kiwispray/metadata.json")).unwrap(),
+        "{}\n"
+    );
+    assert_eq!(s.field(2, "state"), "finished");
+}
+
 #[test]
 fn finish_advances_the_chain_and_uses_up_the_bootid() {
     let s = stack_with_hosts(json!([host(4, "52:54:00:00:00:04", "SN-4", "wipe,image1")]));
@@ -769,7 +837,9 @@ fn discover_mode_registers_and_update_merges() {
 
     let before = s.db_stamp();
     let big = format!("metadata={}", "a".repeat(70 * 1024));
-    let bad: Vec<(&str, String, Vec<(&str, &str)>, u16)> = vec![
+    // (what, query, form fields, expected status)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, u16);
+    let bad: Vec<Case> = vec![
         (
             "bad JSON",
             format!("metadata={}", enc("{\"a\":")),

@@ -3,8 +3,11 @@
 # The installed system fetches it once from the razorurl= kernel argument
 # and runs it; it applies the host's settings and reports /finish, after
 # which the machine boots its local disk for good.
+# Files are written below $KS_ROOT (default: /), so the script can also run
+# from an installer against the mounted target system.
 set -u
 
+KS_ROOT=${KS_ROOT:-}
 KS_URL=http://127.0.0.1:5000
 KS_ID=1
 KS_BOOTID=@BOOTID@
@@ -17,30 +20,26 @@ ks_fetch() {
     fi
 }
 
+# All metadata, as JSON, for the image's own first-boot tooling.
+mkdir -p "$KS_ROOT/etc/kiwispray"
+printf '%s\n' '{"role":"it'\''s & <web>","ssh_key":"ssh-ed25519 AAAA test@x"}' > "$KS_ROOT/etc/kiwispray/metadata.json"
+
 # The hostname, unless the operator has not set one.
 ks_hostname='web-1'
 if [ "$ks_hostname" != "not-set" ] && [ -n "$ks_hostname" ]; then
-    echo "$ks_hostname" > /etc/hostname
-    hostname "$ks_hostname" 2>/dev/null || true
+    echo "$ks_hostname" > "$KS_ROOT/etc/hostname"
+    [ -z "$KS_ROOT" ] && { hostname "$ks_hostname" 2>/dev/null || true; }
 fi
 
-# All metadata, as JSON, for the image's own first-boot tooling.
-mkdir -p /etc/kiwispray
-printf '%s\n' '{"role":"it'\''s & <web>","ssh_key":"ssh-ed25519 AAAA test@x"}' > /etc/kiwispray/metadata.json
-
 # An optional SSH key from the metadata (kiwispray-hosts set ID --meta-set ssh_key=...).
-# A placeholder without a value stays as written, which the case below detects.
-ks_ssh_key=$(cat <<'KS_END'
-ssh-ed25519 AAAA test@x
-KS_END
-)
-case "$ks_ssh_key" in
-    "@metadata."*) ;;
-    *)
-        mkdir -p /root/.ssh && chmod 700 /root/.ssh
-        printf '%s\n' "$ks_ssh_key" >> /root/.ssh/authorized_keys
-        ;;
-esac
+# A placeholder without a value stays as written, so the test compares the
+# URL-encoded value (safe inside single quotes) with the placeholder's text;
+# only then is the value inserted, as one shell word.
+if [ 'ssh-ed25519%20AAAA%20test%40x' != '@metadata.ssh_key|''url@' ]; then
+    ks_ssh_key='ssh-ed25519 AAAA test@x'
+    mkdir -p "$KS_ROOT/root/.ssh" && chmod 700 "$KS_ROOT/root/.ssh"
+    printf '%s\n' "$ks_ssh_key" >> "$KS_ROOT/root/.ssh/authorized_keys"
+fi
 
 # Report the install as finished; retry for a while if the server is busy.
 for ks_try in 1 2 3 4 5 6; do
