@@ -8,7 +8,7 @@
 //!   "placeholder_serials": ["ACME-0000"],
 //!   "placeholder_uuids": [],
 //!   "server": "192.168.100.1:5000",
-//!   "max_connections": 64
+//!   "max_connections": 128
 //! }
 //! ```
 //!
@@ -26,6 +26,11 @@ pub const CONFIG_FILE: &str = "kiwispray.json";
 pub const DATABASE_FILE: &str = "known_hosts.json";
 /// The event log in a deployment root.
 pub const EVENTS_FILE: &str = "events.jsonl";
+/// FastCGI connections served at once unless configured. Web servers keep
+/// idle connections open (nginx/kiwispray.conf: 16 per worker), and those
+/// hold slots too, so this leaves room for a burst of 64 booting machines
+/// beside them.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,7 +95,10 @@ impl Config {
             placeholder_serials: settings.placeholder_serials,
             placeholder_uuids: settings.placeholder_uuids,
             server: settings.server,
-            max_connections: settings.max_connections.unwrap_or(64).clamp(1, 4096),
+            max_connections: settings
+                .max_connections
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+                .clamp(1, 4096),
         })
     }
 

@@ -89,6 +89,9 @@ pub fn free_port() -> u16 {
 }
 
 /// How to start a stack.
+/// Prepares a deployment root before the stack starts.
+pub type Prepare = Box<dyn FnOnce(&Path)>;
+
 #[derive(Default)]
 pub struct Options {
     /// Start the handler in discover mode (`DISCOVER=1`).
@@ -96,7 +99,7 @@ pub struct Options {
     /// Called with the deployment root before the stack starts, once the
     /// shipped `templates/` and `images/` are copied into it; a missing
     /// `known_hosts.json` is created by `serve.sh`.
-    pub prepare: Option<Box<dyn FnOnce(&Path)>>,
+    pub prepare: Option<Prepare>,
     /// Run the stack inside this network namespace (`ip netns exec`); the
     /// caller creates and removes the namespace, and requests must then be
     /// sent from inside it (see [`Stack::ns_raw`]).
