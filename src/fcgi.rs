@@ -73,7 +73,12 @@ pub fn request_from(
 
 /// Answers a request, turning a panic into a 500.
 pub fn answer(service: &Service, req: &Request) -> Response {
-    match catch_unwind(AssertUnwindSafe(|| service.handle(req))) {
+    contain(req, || service.handle(req))
+}
+
+/// Runs `handle`; a panic becomes a logged 500.
+fn contain(req: &Request, handle: impl FnOnce() -> Response) -> Response {
+    match catch_unwind(AssertUnwindSafe(handle)) {
         Ok(r) => r,
         Err(_) => {
             api::log(&format!(
@@ -139,4 +144,62 @@ pub fn serve_cgi(service: &Service) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(&response.to_cgi())?;
     out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let owned: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| owned.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn a_panic_answers_500_and_the_next_request_is_served() {
+        let req = Request {
+            method: "GET".into(),
+            path: "/bootstrap".into(),
+            ..Request::default()
+        };
+        let r = contain(&req, || panic!("a bug"));
+        assert_eq!(r.status, 500);
+        assert!(r
+            .to_cgi()
+            .starts_with(b"Status: 500 Internal Server Error\r\n"));
+        let r = contain(&req, || Response::text(200, "ok"));
+        assert_eq!(r.status, 200);
+    }
+
+    #[test]
+    fn paths_from_nginx_lighttpd_and_cgi() {
+        let mut empty: &[u8] = b"";
+        let nginx = vars(&[("DOCUMENT_URI", "/bootstrap"), ("SCRIPT_NAME", "")]);
+        assert_eq!(request_from(nginx, &mut empty).unwrap().path, "/bootstrap");
+        let cgi = vars(&[("SCRIPT_NAME", "/cgi-bin/ks"), ("PATH_INFO", "/finish")]);
+        assert_eq!(
+            request_from(cgi, &mut empty).unwrap().path,
+            "/cgi-bin/ks/finish"
+        );
+        let uri = vars(&[("REQUEST_URI", "/state?id=1")]);
+        assert_eq!(request_from(uri, &mut empty).unwrap().path, "/state");
+    }
+
+    #[test]
+    fn bodies_are_bounded_by_content_length() {
+        let mut body: &[u8] = b"mac=52-54-00-00-00-01&extra";
+        let v = vars(&[("CONTENT_LENGTH", "20")]);
+        assert_eq!(
+            request_from(v, &mut body).unwrap().body,
+            b"mac=52-54-00-00-00-0"
+        );
+        let mut empty: &[u8] = b"";
+        let big = vars(&[("CONTENT_LENGTH", "104857600")]);
+        assert_eq!(request_from(big, &mut empty).unwrap_err().status, 413);
+        let bad = vars(&[("CONTENT_LENGTH", "-1")]);
+        assert_eq!(request_from(bad, &mut empty).unwrap_err().status, 400);
+    }
 }
