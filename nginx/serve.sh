@@ -1,7 +1,9 @@
 #!/bin/bash
 # Runs the whole KIWIspray stack in the foreground: kiwispray-fcgi behind
-# nginx (with nginx/kiwispray.conf, the same file operators install), and
-# dnsmasq only when an interface is named. Ctrl-C or SIGTERM stops it all.
+# nginx (with nginx/kiwispray.conf, the same file operators install) or
+# lighttpd (lighttpd/kiwispray.conf), and dnsmasq only when an interface is
+# named. Ctrl-C or SIGTERM stops it all. The web server's own part is in
+# <web server>/web.sh.
 #
 # Environment:
 #   PORT=5000        port nginx listens on (all addresses)
@@ -10,7 +12,7 @@
 #   DISCOVER=1       register new machines in discover mode
 #   RUN_DIR=<tmp>    where nginx.conf, logs, pid and the socket go
 #   BIN_DIR=<dir>    where kiwispray-fcgi is (default target/release)
-#   WEB=nginx        the web server (lighttpd if lighttpd/serve.sh exists)
+#   WEB=nginx        the web server: nginx or lighttpd
 #   DHCP_IFACE=if    also run dnsmasq (dnsmasq/kiwispray.conf) on that
 #                    interface; DHCP_RANGE=start,end,mask,lease and
 #                    SERVER_IP (default: the interface's first IPv4 address)
@@ -22,17 +24,15 @@ ROOT=${ROOT:-$here}
 BIN_DIR=${BIN_DIR:-$here/target/release}
 WEB=${WEB:-nginx}
 
-say() { echo "kiwispray serve: $*" >&2; }
+say() { echo "kiwispray serve ($WEB): $*" >&2; }
 die() { say "$*"; exit 1; }
 
 [[ $PORT =~ ^[0-9]+$ ]] && (( PORT > 0 && PORT < 65536 )) || die "PORT=$PORT is not a port number"
 [ -x "$BIN_DIR/kiwispray-fcgi" ] || die "$BIN_DIR/kiwispray-fcgi is missing; run make build"
-if [ "$WEB" = lighttpd ]; then
-    [ -x "$here/lighttpd/serve.sh" ] || die "WEB=lighttpd is not available in this checkout"
-    exec "$here/lighttpd/serve.sh"
-fi
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || die "nginx is not installed (make serve installs it)"
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+case $WEB in
+    nginx|lighttpd) ;;
+    *) die "WEB=$WEB: the web server must be nginx or lighttpd" ;;
+esac
 
 # A new root is filled from the shipped defaults; existing files are kept.
 mkdir -p "$ROOT"
@@ -74,40 +74,9 @@ pids+=($!)
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
 [ -S "$sock" ] || die "kiwispray-fcgi did not create $sock"
 
-# nginx, with the shipped server block rewritten for this root, port and socket.
-sed -e "s#/srv/kiwispray#$ROOT#g" \
-    -e "s#unix:/run/kiwispray/fcgi.sock#unix:$sock#" \
-    -e "s#^\(\s*listen\s\+\)5000;#\1$PORT;#" \
-    -e "s#^\(\s*listen\s\+\)\[::\]:5000;#\1[::]:$PORT;#" \
-    -e "s#access_log /var/log/nginx/kiwispray.access.log;#access_log $RUN_DIR/access.log;#" \
-    "$here/nginx/kiwispray.conf" > "$RUN_DIR/kiwispray.conf"
-if [ ! -e /proc/net/if_inet6 ]; then
-    sed -i '/listen\s\+\[::\]/d' "$RUN_DIR/kiwispray.conf"
-fi
-user_line=
-[ "$(id -u)" = 0 ] && user_line="user root;"
-cat > "$RUN_DIR/nginx.conf" <<EOF
-$user_line
-worker_processes 2;
-daemon off;
-pid $RUN_DIR/nginx.pid;
-error_log $RUN_DIR/error.log warn;
-events { worker_connections 4096; }
-http {
-    include /etc/nginx/mime.types;
-    default_type application/octet-stream;
-    client_body_temp_path $RUN_DIR/tmp/body;
-    proxy_temp_path $RUN_DIR/tmp/proxy;
-    fastcgi_temp_path $RUN_DIR/tmp/fastcgi;
-    uwsgi_temp_path $RUN_DIR/tmp/uwsgi;
-    scgi_temp_path $RUN_DIR/tmp/scgi;
-    keepalive_requests 100000;
-    include $RUN_DIR/kiwispray.conf;
-}
-EOF
-"$NGINX" -t -q -p "$RUN_DIR" -c "$RUN_DIR/nginx.conf" || die "nginx rejected $RUN_DIR/nginx.conf"
-"$NGINX" -p "$RUN_DIR" -c "$RUN_DIR/nginx.conf" &
-pids+=($!)
+# The web server in front of it.
+# shellcheck source=/dev/null
+. "$here/$WEB/web.sh"
 
 # dnsmasq, only on an interface named explicitly.
 if [ -n "${DHCP_IFACE:-}" ]; then

@@ -4,7 +4,7 @@
 //! socket passed as fd 0 or as `LISTEN_FDS`, as socket activation does), the
 //! dnsmasq configurations (`dnsmasq --test`), the handler as plain CGI under
 //! lighttpd's `mod_cgi`, and the whole stack under lighttpd
-//! (`lighttpd/serve.sh`).
+//! (`WEB=lighttpd nginx/serve.sh`).
 //!
 //! They need rpm, lighttpd, dnsmasq, systemd, busybox-static and curl
 //! (`make test` installs them); a missing tool fails the test with the
