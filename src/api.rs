@@ -351,10 +351,10 @@ impl Service {
             Identity::Conflict(matched) => return Ok(self.conflict(req, &matched)),
             Identity::Known(id) => {
                 let host = db.get(id).expect("indexed host exists");
-                if lifecycle::unrecorded_macs(host, &report).is_empty() {
+                if lifecycle::unrecorded_macs(&host, &report).is_empty() {
                     match lifecycle::next_boot(&host.state) {
                         NextBoot::Wait | NextBoot::LocalDisk | NextBoot::Refuse(_) => {
-                            return Ok(self.boot_script(req, host, &facts));
+                            return Ok(self.boot_script(req, &host, &facts));
                         }
                         NextBoot::Install(_) => {}
                     }
@@ -513,8 +513,8 @@ impl Service {
             .map_err(|e| Response::error(400, e))?
             .unwrap_or("")
             .to_string();
-        check_installing(db, id, &bootid)?;
-        Ok((db.get(id).cloned().expect("checked"), bootid))
+        let host = check_installing(db, id, &bootid)?;
+        Ok((host, bootid))
     }
 
     fn post_install(&self, req: &Request, params: &Params) -> Result<Response, Response> {
@@ -668,8 +668,7 @@ impl Service {
             .unwrap_or("")
             .to_string();
         let check = move |db: &Database| -> Result<(), Response> {
-            check_installing(db, id, &bootid)?;
-            let host = db.get(id).expect("checked");
+            let host = check_installing(db, id, &bootid)?;
             if host.current_state() != STATE_DISCOVER {
                 return Err(Response::error(
                     409,
@@ -782,14 +781,15 @@ pub fn format_table<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
-fn check_installing(db: &Database, id: u64, bootid: &str) -> Result<(), Response> {
+/// The host `id` if it is being installed with this bootid.
+fn check_installing(db: &Database, id: u64, bootid: &str) -> Result<Host, Response> {
     let host = db
         .get(id)
         .ok_or_else(|| Response::error(404, format!("no host with id {id}")))?;
     if bootid.is_empty() {
         return Err(Response::error(400, "missing parameter \"bootid\""));
     }
-    if !lifecycle::installing(host) {
+    if !lifecycle::installing(&host) {
         return Err(Response::error(
             409,
             format!(
@@ -801,7 +801,7 @@ fn check_installing(db: &Database, id: u64, bootid: &str) -> Result<(), Response
     if !lifecycle::bootid_matches(host.bootid.as_deref().unwrap_or(""), bootid) {
         return Err(Response::error(403, format!("wrong bootid for host {id}")));
     }
-    Ok(())
+    Ok(host)
 }
 
 /// The change a `/bootstrap` makes, decided again under the lock.
@@ -828,20 +828,26 @@ fn boot_change(
             }
         }
         Identity::Known(id) => {
-            let (host, started) = txn
-                .db
-                .update(id, |h| {
-                    let mut macs = h.mac_list();
-                    macs.extend(lifecycle::unrecorded_macs(h, &report));
-                    h.macs = crate::identity::format_mac_list(&macs);
-                    let install = matches!(lifecycle::next_boot(&h.state), NextBoot::Install(_));
-                    if install {
-                        h.bootid = Some(bootid);
-                    }
-                    (h.clone(), install)
-                })
-                .expect("identified host exists");
+            let mut host = txn.db.get(id).expect("identified host exists");
+            let added = lifecycle::unrecorded_macs(&host, &report);
+            if !added.is_empty() {
+                host = txn
+                    .db
+                    .update(id, |h| {
+                        let mut macs = h.mac_list();
+                        macs.extend(added);
+                        h.macs = crate::identity::format_mac_list(&macs);
+                        h.clone()
+                    })
+                    .expect("identified host exists");
+            }
+            let started = matches!(lifecycle::next_boot(&host.state), NextBoot::Install(_));
             if started {
+                // The frequent write during mass installs: a bootid-only
+                // change is appended to the store's journal, not a rewrite
+                // of the whole file.
+                txn.db.set_bootid(id, Some(bootid.clone()));
+                host.bootid = Some(bootid);
                 txn.record(Event::now(
                     id,
                     &host.state,

@@ -2,6 +2,12 @@
 //! on-disk JSON form, and the indexes that find a machine by id, MAC, serial
 //! or UUID. Loading from and saving to disk belongs to [`crate::store`].
 //!
+//! Each host is kept only as its on-disk JSON text, with compact indexes
+//! beside it; a [`Host`] is parsed from that text when it is asked for
+//! ([`Database::get`], [`Database::hosts`]), so identifying and answering a
+//! booting machine parses just that one host, and a database of 10,000 hosts
+//! takes about as much memory as its file.
+//!
 //! The file is the seed tool's format: a JSON array of objects with the
 //! fields `id`, `macs`, `serial`, `uuid`, `hostname`, `state`, `metadata` and
 //! `bootid`. Fields this version does not know are kept and written back.
@@ -122,18 +128,29 @@ pub fn current_state(chain: &str) -> &str {
     chain.split(',').next().unwrap_or("").trim()
 }
 
-/// One host with its on-disk JSON, kept so that saving a large database only
-/// serialises the hosts that changed.
-#[derive(Debug)]
-pub struct Entry {
-    pub host: Host,
-    json: String,
+/// One host as it is kept in memory: its id and its on-disk JSON (the text
+/// the file holds for it, without the array's indentation). The [`Host`] is
+/// parsed from it when asked for, so a large database costs little more
+/// memory than its file, and saving it only serialises the hosts that
+/// changed.
+#[derive(Debug, Clone)]
+struct Entry {
+    id: u64,
+    json: Arc<str>,
 }
 
 impl Entry {
-    fn new(host: Host) -> Entry {
-        let json = pretty(&host.to_value(), 1);
-        Entry { host, json }
+    fn new(host: &Host) -> Entry {
+        Entry {
+            id: host.id,
+            json: pretty(&host.to_value(), 1).into(),
+        }
+    }
+
+    fn host(&self) -> Host {
+        // The text was written from a `Host`, so it reads back as one.
+        serde_json::from_str(&self.json)
+            .unwrap_or_else(|e| panic!("host {} does not read back from its JSON: {e}", self.id))
     }
 }
 
@@ -155,19 +172,137 @@ impl std::fmt::Display for Key {
     }
 }
 
-/// The whole database. Cheap to clone: the host list and both indexes are
+/// The 128 bits of a canonical (hyphenated, lowercase) UUID key.
+fn uuid_bits(uuid: &str) -> Option<u128> {
+    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(&hex, 16).ok()
+}
+
+/// Which hosts carry which identity key. Nearly every key belongs to one
+/// host, so those are kept in compact maps (a MAC is 6 bytes, a UUID 16);
+/// the rare key that several hosts share (a conflict an operator has to
+/// resolve) is kept with all its hosts in `shared`.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    macs: HashMap<Mac, u64>,
+    serials: HashMap<Box<str>, u64>,
+    uuids: HashMap<u128, u64>,
+    shared: HashMap<Key, Vec<u64>>,
+}
+
+impl Index {
+    fn shrink_to_fit(&mut self) {
+        self.macs.shrink_to_fit();
+        self.serials.shrink_to_fit();
+        self.uuids.shrink_to_fit();
+        self.shared.shrink_to_fit();
+    }
+
+    fn single(&self, key: &Key) -> Option<&u64> {
+        match key {
+            Key::Mac(m) => self.macs.get(m),
+            Key::Serial(s) => self.serials.get(s.as_str()),
+            Key::Uuid(u) => uuid_bits(u).and_then(|b| self.uuids.get(&b)),
+        }
+    }
+
+    fn take_single(&mut self, key: &Key) -> Option<u64> {
+        match key {
+            Key::Mac(m) => self.macs.remove(m),
+            Key::Serial(s) => self.serials.remove(s.as_str()),
+            Key::Uuid(u) => uuid_bits(u).and_then(|b| self.uuids.remove(&b)),
+        }
+    }
+
+    fn put_single(&mut self, key: Key, id: u64) {
+        match key {
+            Key::Mac(m) => {
+                self.macs.insert(m, id);
+            }
+            Key::Serial(s) => {
+                self.serials.insert(s.into_boxed_str(), id);
+            }
+            Key::Uuid(u) => match uuid_bits(&u) {
+                Some(b) => {
+                    self.uuids.insert(b, id);
+                }
+                // Not a canonical UUID (never produced by `uuid_key`).
+                None => {
+                    self.shared.insert(Key::Uuid(u), vec![id]);
+                }
+            },
+        }
+    }
+
+    fn lookup(&self, key: &Key) -> &[u64] {
+        if let Some(ids) = self.shared.get(key) {
+            return ids;
+        }
+        self.single(key).map(std::slice::from_ref).unwrap_or(&[])
+    }
+
+    fn add(&mut self, key: Key, id: u64) {
+        if let Some(ids) = self.shared.get_mut(&key) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+            return;
+        }
+        match self.take_single(&key) {
+            Some(other) if other != id => {
+                self.shared.insert(key, vec![other, id]);
+            }
+            _ => self.put_single(key, id),
+        }
+    }
+
+    fn remove(&mut self, key: &Key, id: u64) {
+        if let Some(ids) = self.shared.get_mut(key) {
+            ids.retain(|x| *x != id);
+            match ids.as_slice() {
+                [] => {
+                    self.shared.remove(key);
+                }
+                [last] => {
+                    let last = *last;
+                    self.shared.remove(key);
+                    self.put_single(key.clone(), last);
+                }
+                _ => {}
+            }
+            return;
+        }
+        if self.single(key) == Some(&id) {
+            self.take_single(key);
+        }
+    }
+}
+
+/// The whole database. Cheap to clone: the host list and the indexes are
 /// shared between clones and copied only when a clone changes them, and
-/// each host is shared until it is changed. A write that changes one host
-/// therefore copies one list of pointers, not the hosts or the indexes.
+/// each host's JSON is shared until that host is changed. A write that
+/// changes one host therefore copies one list of pointers, not the hosts
+/// or the indexes.
+///
+/// Changes are of two kinds, which the store saves differently: a new
+/// bootid set through [`Database::set_bootid`] (the frequent write while
+/// machines install, appended to a journal) and every other change (which
+/// rewrites the file).
 #[derive(Debug, Clone, Default)]
 pub struct Database {
-    entries: Arc<Vec<Arc<Entry>>>,
+    entries: Arc<Vec<Entry>>,
     by_id: Arc<HashMap<u64, usize>>,
-    by_key: Arc<HashMap<Key, Vec<u64>>>,
+    index: Arc<Index>,
     /// The highest id in use (0 when empty), so `next_id` is O(1).
     max_id: u64,
     placeholders: Arc<Placeholders>,
+    /// Whether anything besides bootids changed.
     changed: bool,
+    /// Bootids set through `set_bootid`, in order.
+    bootids: Vec<(u64, Option<String>)>,
 }
 
 /// Why a JSON document is not a host database.
@@ -176,6 +311,55 @@ pub struct ParseError {
     pub line: usize,
     pub column: usize,
     pub message: String,
+}
+
+/// Reads the top-level array one host at a time, so that loading never
+/// holds more than one parsed [`Host`] besides the compact entries.
+struct Loader<'a> {
+    db: &'a mut Database,
+    /// A repeated id: the id and the positions of its two entries.
+    duplicate: &'a mut Option<(u64, usize, usize)>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Loader<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Loader<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a sequence")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut entries = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        let mut by_id = HashMap::new();
+        let mut index = Index::default();
+        while let Some(host) = seq.next_element::<Host>()? {
+            let i = entries.len();
+            if let Some(first) = by_id.insert(host.id, i) {
+                *self.duplicate = Some((host.id, first, i));
+                return Err(serde::de::Error::custom("duplicate host id"));
+            }
+            for key in keys_of(&host, &self.db.placeholders) {
+                index.add(key, host.id);
+            }
+            self.db.max_id = self.db.max_id.max(host.id);
+            entries.push(Entry::new(&host));
+        }
+        entries.shrink_to_fit();
+        by_id.shrink_to_fit();
+        index.shrink_to_fit();
+        self.db.entries = Arc::new(entries);
+        self.db.by_id = Arc::new(by_id);
+        self.db.index = Arc::new(index);
+        Ok(())
+    }
 }
 
 impl Database {
@@ -188,30 +372,33 @@ impl Database {
 
     /// Parses the file's contents.
     pub fn parse(text: &[u8], placeholders: Arc<Placeholders>) -> Result<Database, ParseError> {
-        let hosts: Vec<Host> = serde_json::from_slice(text).map_err(|e| ParseError {
+        let mut db = Database::empty(placeholders);
+        let mut duplicate = None;
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let loaded = serde::de::DeserializeSeed::deserialize(
+            Loader {
+                db: &mut db,
+                duplicate: &mut duplicate,
+            },
+            &mut de,
+        )
+        .and_then(|()| de.end());
+        if let Some((id, first, i)) = duplicate {
+            return Err(ParseError {
+                line: line_of_nth_object(text, i),
+                column: 1,
+                message: format!(
+                    "host id {id} appears twice (entries {} and {})",
+                    first + 1,
+                    i + 1
+                ),
+            });
+        }
+        loaded.map_err(|e| ParseError {
             line: e.line(),
             column: e.column(),
             message: strip_position(&e.to_string()),
         })?;
-        let mut seen = HashMap::new();
-        for (i, h) in hosts.iter().enumerate() {
-            if let Some(first) = seen.insert(h.id, i) {
-                let line = line_of_nth_object(text, i);
-                return Err(ParseError {
-                    line,
-                    column: 1,
-                    message: format!(
-                        "host id {} appears twice (entries {} and {})",
-                        h.id,
-                        first + 1,
-                        i + 1
-                    ),
-                });
-            }
-        }
-        let mut db = Database::empty(placeholders);
-        db.entries = Arc::new(hosts.into_iter().map(|h| Arc::new(Entry::new(h))).collect());
-        db.reindex();
         Ok(db)
     }
 
@@ -241,23 +428,6 @@ impl Database {
         w.write_all(b"]\n")
     }
 
-    fn reindex(&mut self) {
-        let mut by_id = HashMap::with_capacity(self.entries.len());
-        let mut by_key: HashMap<Key, Vec<u64>> = HashMap::with_capacity(self.entries.len() * 2);
-        for (i, e) in self.entries.iter().enumerate() {
-            by_id.insert(e.host.id, i);
-            for key in keys_of(&e.host, &self.placeholders) {
-                let ids = by_key.entry(key).or_default();
-                if !ids.contains(&e.host.id) {
-                    ids.push(e.host.id);
-                }
-            }
-        }
-        self.max_id = by_id.keys().copied().max().unwrap_or(0);
-        self.by_id = Arc::new(by_id);
-        self.by_key = Arc::new(by_key);
-    }
-
     pub fn placeholders(&self) -> &Placeholders {
         &self.placeholders
     }
@@ -270,17 +440,33 @@ impl Database {
         self.entries.is_empty()
     }
 
-    pub fn hosts(&self) -> impl Iterator<Item = &Host> {
-        self.entries.iter().map(|e| &e.host)
+    /// Every host, in file order, each parsed as it is reached.
+    pub fn hosts(&self) -> impl Iterator<Item = Host> + '_ {
+        self.entries.iter().map(Entry::host)
     }
 
-    pub fn get(&self, id: u64) -> Option<&Host> {
-        self.by_id.get(&id).map(|&i| &self.entries[i].host)
+    /// The ids of all hosts, in file order.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries.iter().map(|e| e.id)
+    }
+
+    /// The host with this id, parsed from its JSON.
+    pub fn get(&self, id: u64) -> Option<Host> {
+        self.entry(id).map(Entry::host)
+    }
+
+    /// Whether a host with this id exists (without parsing it).
+    pub fn contains(&self, id: u64) -> bool {
+        self.by_id.contains_key(&id)
+    }
+
+    fn entry(&self, id: u64) -> Option<&Entry> {
+        self.by_id.get(&id).map(|&i| &self.entries[i])
     }
 
     /// The ids of the hosts that carry a key.
     pub fn lookup(&self, key: &Key) -> &[u64] {
-        self.by_key.get(key).map(Vec::as_slice).unwrap_or(&[])
+        self.index.lookup(key)
     }
 
     /// The id a new host gets: one more than the highest in use.
@@ -288,14 +474,28 @@ impl Database {
         self.max_id + 1
     }
 
-    /// Whether anything was changed since the database was loaded.
+    /// Whether anything was changed since the database was loaded (or
+    /// since [`Self::clear_changed`]), bootids included.
     pub fn is_changed(&self) -> bool {
+        self.changed || !self.bootids.is_empty()
+    }
+
+    /// Whether something besides bootids changed, so that the file must be
+    /// rewritten.
+    pub fn needs_rewrite(&self) -> bool {
         self.changed
+    }
+
+    /// The bootids set through [`Self::set_bootid`] since the last
+    /// [`Self::clear_changed`], oldest first.
+    pub fn bootid_changes(&self) -> &[(u64, Option<String>)] {
+        &self.bootids
     }
 
     /// Forgets earlier changes, e.g. once they are saved.
     pub fn clear_changed(&mut self) {
         self.changed = false;
+        self.bootids.clear();
     }
 
     /// Adds a host; its id must be unused.
@@ -305,13 +505,12 @@ impl Database {
         }
         let i = self.entries.len();
         let id = host.id;
-        let keys = keys_of(&host, &self.placeholders);
-        Arc::make_mut(&mut self.entries).push(Arc::new(Entry::new(host)));
-        Arc::make_mut(&mut self.by_id).insert(id, i);
-        let by_key = Arc::make_mut(&mut self.by_key);
-        for key in keys {
-            by_key.entry(key).or_default().push(id);
+        let index = Arc::make_mut(&mut self.index);
+        for key in keys_of(&host, &self.placeholders) {
+            index.add(key, id);
         }
+        Arc::make_mut(&mut self.entries).push(Entry::new(&host));
+        Arc::make_mut(&mut self.by_id).insert(id, i);
         self.max_id = self.max_id.max(id);
         self.changed = true;
         Ok(())
@@ -321,42 +520,78 @@ impl Database {
     /// Nothing is marked changed when `f` leaves the host as it was.
     pub fn update<R>(&mut self, id: u64, f: impl FnOnce(&mut Host) -> R) -> Option<R> {
         let i = *self.by_id.get(&id)?;
-        let mut host = self.entries[i].host.clone();
+        let before = self.entries[i].host();
+        let mut host = before.clone();
         let result = f(&mut host);
-        if host != self.entries[i].host {
-            host.id = id;
-            let old_keys = keys_of(&self.entries[i].host, &self.placeholders);
+        host.id = id;
+        if host != before {
+            let old_keys = keys_of(&before, &self.placeholders);
             let new_keys = keys_of(&host, &self.placeholders);
             if old_keys != new_keys {
-                let by_key = Arc::make_mut(&mut self.by_key);
-                for k in old_keys {
-                    if let Some(ids) = by_key.get_mut(&k) {
-                        ids.retain(|x| *x != id);
-                        if ids.is_empty() {
-                            by_key.remove(&k);
-                        }
-                    }
+                let index = Arc::make_mut(&mut self.index);
+                for k in &old_keys {
+                    index.remove(k, id);
                 }
                 for k in new_keys {
-                    let ids = by_key.entry(k).or_default();
-                    if !ids.contains(&id) {
-                        ids.push(id);
-                    }
+                    index.add(k, id);
                 }
             }
-            Arc::make_mut(&mut self.entries)[i] = Arc::new(Entry::new(host));
+            Arc::make_mut(&mut self.entries)[i] = Entry::new(&host);
             self.changed = true;
         }
         Some(result)
     }
 
+    /// Sets or clears one host's bootid, and nothing else. Returns `false`
+    /// if there is no such host. Unlike a change through [`Self::update`],
+    /// this is recorded as a bootid-only change, which the store appends to
+    /// its journal instead of rewriting the file.
+    pub fn set_bootid(&mut self, id: u64, bootid: Option<String>) -> bool {
+        match self.replace_bootid(id, bootid.clone()) {
+            None => false,
+            Some(false) => true,
+            Some(true) => {
+                self.bootids.push((id, bootid));
+                true
+            }
+        }
+    }
+
+    /// Sets a bootid read back from the journal: the host changes, but
+    /// nothing is marked to be saved. `None` if there is no such host,
+    /// else whether the bootid differed.
+    pub(crate) fn replace_bootid(&mut self, id: u64, bootid: Option<String>) -> Option<bool> {
+        let i = *self.by_id.get(&id)?;
+        let mut host = self.entries[i].host();
+        if host.bootid == bootid {
+            return Some(false);
+        }
+        host.bootid = bootid;
+        Arc::make_mut(&mut self.entries)[i] = Entry::new(&host);
+        Some(true)
+    }
+
     /// Removes a host and returns it.
     pub fn remove(&mut self, id: u64) -> Option<Host> {
         let i = *self.by_id.get(&id)?;
-        let entry = Arc::make_mut(&mut self.entries).remove(i);
+        let host = self.entries[i].host();
+        let index = Arc::make_mut(&mut self.index);
+        for k in keys_of(&host, &self.placeholders) {
+            index.remove(&k, id);
+        }
+        Arc::make_mut(&mut self.entries).remove(i);
+        let by_id = Arc::make_mut(&mut self.by_id);
+        by_id.remove(&id);
+        for pos in by_id.values_mut() {
+            if *pos > i {
+                *pos -= 1;
+            }
+        }
+        if id == self.max_id {
+            self.max_id = self.entries.iter().map(|e| e.id).max().unwrap_or(0);
+        }
         self.changed = true;
-        self.reindex();
-        Some(entry.host.clone())
+        Some(host)
     }
 }
 
@@ -501,6 +736,48 @@ mod tests {
         assert_eq!(d.remove(1).unwrap().id, 1);
         assert!(d.lookup(&mac2).is_empty());
         assert_eq!(d.lookup(&Key::Serial("SN2".into())), &[2]);
+    }
+
+    #[test]
+    fn bootid_changes_are_told_apart_from_other_changes() {
+        let mut d = db(r#"[{"id": 1, "macs": "52:54:00:00:00:01", "state": "image1"}]"#);
+        assert!(d.set_bootid(1, Some("b1".into())));
+        assert!(!d.set_bootid(2, Some("b2".into())), "no host 2");
+        assert!(d.is_changed() && !d.needs_rewrite());
+        assert_eq!(d.bootid_changes(), &[(1, Some("b1".to_string()))]);
+        assert_eq!(d.get(1).unwrap().bootid.as_deref(), Some("b1"));
+        assert!(d.to_json().contains("\"bootid\": \"b1\""));
+        // Setting the same bootid again is no change.
+        d.clear_changed();
+        assert!(d.set_bootid(1, Some("b1".into())));
+        assert!(!d.is_changed());
+        d.update(1, |h| h.bootid = None);
+        assert!(d.needs_rewrite() && d.bootid_changes().is_empty());
+    }
+
+    #[test]
+    fn shared_keys_and_removal_keep_the_index_right() {
+        let mut d = db(r#"[
+            {"id": 1, "macs": "52:54:00:00:00:01", "serial": "SN"},
+            {"id": 2, "macs": "52:54:00:00:00:01", "uuid": "11111111-2222-3333-4444-555555555555"},
+            {"id": 3, "macs": "52:54:00:00:00:03", "serial": "SN"}]"#);
+        let mac1 = Key::Mac(Mac::parse("52:54:00:00:00:01").unwrap());
+        let sn = Key::Serial("SN".into());
+        let uuid = Key::Uuid("11111111-2222-3333-4444-555555555555".into());
+        assert_eq!(d.lookup(&mac1), &[1, 2]);
+        assert_eq!(d.lookup(&sn), &[1, 3]);
+        assert_eq!(d.lookup(&uuid), &[2]);
+        assert_eq!(d.remove(1).unwrap().serial, "SN");
+        assert_eq!(d.lookup(&mac1), &[2]);
+        assert_eq!(d.lookup(&sn), &[3]);
+        assert_eq!(d.get(3).unwrap().id, 3, "positions follow the removal");
+        assert_eq!(d.ids().collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(d.next_id(), 4);
+        d.remove(3);
+        assert_eq!(d.next_id(), 3);
+        assert!(d.lookup(&sn).is_empty());
+        d.update(2, |h| h.uuid = String::new());
+        assert!(d.lookup(&uuid).is_empty());
     }
 
     #[test]

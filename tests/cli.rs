@@ -161,9 +161,10 @@ impl Root {
     fn db_text(&self) -> String {
         fs::read_to_string(self.db_path()).unwrap_or_default()
     }
+    /// The hosts, with the bootids of the journal beside the file.
     fn db(&self) -> Vec<Value> {
-        match serde_json::from_str::<Value>(&self.db_text()) {
-            Ok(Value::Array(a)) => a,
+        match kiwispray::store::read_json(&self.db_path()) {
+            Ok(Value::Array(a)) if self.db_path().exists() => a,
             other => panic!("database is not a JSON array: {other:?}"),
         }
     }

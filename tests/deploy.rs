@@ -288,9 +288,10 @@ fn start_lighttpd(dir: &Path, site: &str, port: u16) -> Running {
     Running { child, term: false }
 }
 
+/// The database with the bootids of the journal beside it.
 fn read_db(root: &Path) -> serde_json::Value {
-    let text = fs::read_to_string(root.join("known_hosts.json")).unwrap();
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("database does not parse: {e}\n{text}"))
+    kiwispray::store::read_json(&root.join("known_hosts.json"))
+        .unwrap_or_else(|e| panic!("database does not parse: {e}"))
 }
 
 fn host_field(db: &serde_json::Value, id: u64, field: &str) -> String {

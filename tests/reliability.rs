@@ -16,6 +16,7 @@ mod common;
 use common::{repo, Stack, TempDir};
 use kiwispray::hosts::{Database, Key};
 use kiwispray::identity::Mac;
+use kiwispray::store::Store;
 use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
@@ -281,14 +282,16 @@ impl Drop for Handler {
     }
 }
 
+/// The database as the service sees it: `known_hosts.json` and the bootid
+/// journal beside it.
 fn load_db(root: &Path) -> Database {
-    let text = fs::read(root.join("known_hosts.json")).unwrap();
-    Database::parse(&text, Default::default()).unwrap_or_else(|e| {
-        panic!(
-            "known_hosts.json does not parse: line {}, column {}: {}",
-            e.line, e.column, e.message
-        )
-    })
+    let store = Store::new(
+        root.join("known_hosts.json"),
+        root.join("events.jsonl"),
+        Default::default(),
+    );
+    let db = store.snapshot().unwrap_or_else(|e| panic!("{e}"));
+    (*db).clone()
 }
 
 fn storm_mac(n: u32) -> String {
@@ -443,8 +446,8 @@ fn sigkill_of_handler_and_cli_mid_write_loses_nothing() {
     }
     for (id, name) in cli_done.iter() {
         assert_eq!(
-            db.get(*id).map(|h| h.hostname.as_str()),
-            Some(name.as_str()),
+            db.get(*id).map(|h| h.hostname),
+            Some(name.clone()),
             "kiwispray-hosts set {id} exited 0 but its change is lost"
         );
     }

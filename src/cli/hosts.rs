@@ -29,7 +29,7 @@ pub fn resolve(db: &Database, selector: &str) -> Result<u64> {
     }
     if s.bytes().all(|b| b.is_ascii_digit()) {
         if let Ok(id) = s.parse::<u64>() {
-            if db.get(id).is_some() {
+            if db.contains(id) {
                 return Ok(id);
             }
         }
@@ -38,18 +38,26 @@ pub fn resolve(db: &Database, selector: &str) -> Result<u64> {
     if let Ok(mac) = Mac::parse(s) {
         found.extend(db.lookup(&Key::Mac(mac)));
     }
+    // A serial or UUID that identifies machines is in the index; only a
+    // placeholder needs a look at every host.
     if let Some(uuid) = canonical_uuid(s) {
-        found.extend(
-            db.hosts()
-                .filter(|h| canonical_uuid(&h.uuid).as_deref() == Some(&uuid))
-                .map(|h| h.id),
-        );
+        match db.placeholders().uuid_key(&uuid) {
+            Some(key) => found.extend(db.lookup(&Key::Uuid(key))),
+            None => found.extend(
+                db.hosts()
+                    .filter(|h| canonical_uuid(&h.uuid).as_deref() == Some(&uuid))
+                    .map(|h| h.id),
+            ),
+        }
     }
-    found.extend(
-        db.hosts()
-            .filter(|h| !h.serial.trim().is_empty() && h.serial.trim() == s)
-            .map(|h| h.id),
-    );
+    match db.placeholders().serial_key(s) {
+        Some(key) => found.extend(db.lookup(&Key::Serial(key))),
+        None => found.extend(
+            db.hosts()
+                .filter(|h| !h.serial.trim().is_empty() && h.serial.trim() == s)
+                .map(|h| h.id),
+        ),
+    }
     found.sort_unstable();
     found.dedup();
     match found.as_slice() {
@@ -237,7 +245,7 @@ fn cell(s: &str) -> String {
 
 pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<Exit> {
     let db = ctx.store().snapshot()?;
-    let hosts: Vec<&Host> = db
+    let hosts: Vec<Host> = db
         .hosts()
         .filter(|h| a.state.as_deref().is_none_or(|s| h.current_state() == s))
         .collect();
@@ -558,13 +566,12 @@ pub fn set(ctx: &Ctx, a: &SetArgs) -> Result<Exit> {
     let id = resolve(&db, &a.host)?;
     // Try the edit on the current copy first, so that errors are reported
     // without taking the lock.
-    let mut trial = db.get(id).expect("resolved").clone();
+    let mut trial = db.get(id).expect("resolved");
     edit.apply(&mut trial).map_err(Error::usage)?;
     let host = store.modify(move |txn| -> Result<Host> {
         let before = txn
             .db
             .get(id)
-            .cloned()
             .ok_or_else(|| Error::not_found(format!("host {id} was removed meanwhile")))?;
         let mut failed = None;
         txn.db.update(id, |h| {
@@ -576,7 +583,7 @@ pub fn set(ctx: &Ctx, a: &SetArgs) -> Result<Exit> {
         if let Some(e) = failed {
             return Err(Error::usage(e));
         }
-        let after = txn.db.get(id).cloned().expect("exists");
+        let after = txn.db.get(id).expect("exists");
         if after != before {
             txn.record(Event::now(id, &before.state, &after.state, CAUSE, ""));
         }
