@@ -1,0 +1,391 @@
+#!/bin/bash
+# End-to-end tests of KIWIspray with real firmware, run by `make test` as
+# root: QEMU (TCG) guests with SeaBIOS + iPXE or OVMF, the shipped dnsmasq
+# config and `nginx/serve.sh` inside private network namespaces, a small
+# KIWI-style installer and a test image. Scenarios: see issue 4 and the
+# lane_* functions below. Prints "e2e: N passed, M failed[, K skipped]".
+#
+# Environment: E2E_ALLOW_SKIP=1 (an unusable environment exits 0, still
+# loudly), E2E_JOBS (guests at once, default 3), E2E_KEEP=1 (keep the work
+# dir), E2E_ONLY="1 2 3" (run only the lanes holding these scenarios),
+# E2E_CACHE (kernel package cache, default /var/cache/kiwispray-e2e),
+# E2E_TEMPLATES=DIR (templates copied over the shipped ones in the test
+# roots, to try a template change).
+set -uo pipefail
+export LC_ALL=C
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lib.sh
+. "$here/lib.sh"
+
+E2E_START=$(date +%s)
+env_check
+
+WORK=$(mktemp -d /tmp/kiwispray-e2e.XXXXXX)
+mkdir -p "$WORK/logs" "$WORK/results"
+: >"$WORK/namespaces"
+export WORK
+
+cleanup() {
+    local rc=$? pid ns
+    trap - EXIT INT TERM
+    for pid in $(cat "$WORK/lanes.pids" 2>/dev/null); do kill -TERM "$pid" 2>/dev/null; done
+    for pid in $(cat "$WORK/qemu.pids" 2>/dev/null); do guest_stop "$pid"; done
+    for ns in $(sort -u "$WORK/namespaces"); do bed_down "${ns#kse2e-$$-}"; done
+    if [ "${E2E_KEEP:-0}" = 1 ] || [ "${E2E_FAILED:-1}" != 0 ]; then
+        log "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+IMAGE=kiwispray-e2e
+SCENARIOS=(1 2 3 4 5 6 7)
+declare -A TITLE=(
+    [1]="unknown machine registered as new, serial intact"
+    [2]="install: disk equals image, post-install with metadata, finished"
+    [3]="finished machine boots its local disk, database not rewritten"
+    [4]="chained state wipe,$IMAGE runs both stages, ends finished"
+    [5]="two NICs, DHCP on the second only: same host across boots"
+    [6]="UEFI: finished leaves iPXE to the next boot option; UEFI install"
+    [7]="discover mode: /update stores MACs and metadata, ends new"
+)
+
+# --- checks ------------------------------------------------------------------
+
+# ck N WHAT CMD...: runs CMD; when it fails, scenario N fails with WHAT and
+# CMD's output as the reason.
+ck() {
+    local n=$1 what=$2 out
+    shift 2
+    if ! out=$("$@" 2>&1); then
+        fail "$n" "$what" "${out:-check failed}"
+        return 1
+    fi
+}
+eq() { [ "$1" = "$2" ] || { echo "got '$1', want '$2'"; return 1; }; }
+has() { serial_has "$1" "$2" || { echo "no /$2/ in $(basename "$1")"; return 1; }; }
+lacks() { ! serial_has "$1" "$2" || { echo "/$2/ found in $(basename "$1")"; return 1; }; }
+done_scenario() { [ -e "$WORK/results/$1" ] || pass "$1" "${TITLE[$1]}"; }
+failed() { grep -q '^FAIL' "$WORK/results/$1" 2>/dev/null; }
+# a MAC as an ERE matching any spelling: 52:54.., 52-54.., 52%3A54..
+macre() { local m; m=$(echo "$1" | sed 's/[a-fA-F]/[\L&\U&]/g'); echo "${m//:/(:|-|%3[aA])}"; }
+access_log() { cat "$WORK/$1/run/access.log" 2>/dev/null; }
+# disk_is DISK RAW: the disk starts with the image, byte for byte.
+disk_is() { cmp -n "$(stat -c %s "$2")" "$1" "$2"; }
+# disk_record DISK: what the image's post-install wrote at 3 MiB.
+disk_record() { dd if="$1" bs=1M skip=3 count=1 status=none | tr -d '\0' | head -n1; }
+
+registered() { [ -n "$(db_host "$1" "$2" id)" ]; }
+# new_shown ROOT MAC LOG TEXT: registered, and the console shows TEXT and
+# the MAC (new.tmpl prints the host's data).
+new_shown() {
+    registered "$1" "$2" && serial_has "$3" "$4" && serial_has "$3" "$(macre "$2")"
+}
+powered_off() { serial_has "$1" 'KIWI-E2E: powering off'; }
+
+# boot MACHINE LABEL FW DISK SERIAL UUID TIMEOUT COND... -- NIC...
+# Boots a guest, waits for COND (see guest_wait; @LOG@ in COND is replaced by
+# the serial log), stops the guest. Sets LOG, GUEST_ALIVE (the guest was
+# still running when COND held) and BOOT_RESULT; returns guest_wait's status.
+boot() {
+    local m=$1 label=$2 fw=$3 disk=$4 serial=$5 uuid=$6 timeout=$7
+    shift 7
+    local cond=() nics=() pid rc
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do cond+=("$1"); shift; done
+    shift
+    nics=("$@")
+    LOG=$WORK/logs/$m-$label.serial
+    pid=$(guest_start "$m" "$label" "$fw" "$disk" "$serial" "$uuid" "${nics[@]}")
+    echo "$pid" >>"$WORK/qemu.pids"
+    log "guest $m boot $label started (pid $pid)"
+    guest_wait "$pid" "$timeout" "$LOG" "${cond[@]//@LOG@/$LOG}"
+    rc=$?
+    GUEST_ALIVE=0
+    kill -0 "$pid" 2>/dev/null && GUEST_ALIVE=1
+    # a guest that powers off by itself gets a moment to do so
+    for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    guest_stop "$pid"
+    case $rc in
+        0) BOOT_RESULT="outcome seen" ;;
+        1) BOOT_RESULT="guest $m boot $label ended before its outcome was seen" ;;
+        2) BOOT_RESULT="guest $m boot $label: no outcome within ${timeout}s" ;;
+        *) BOOT_RESULT="guest $m boot $label: error on the console: $(tr -d '\r' <"$LOG" \
+               | grep -aE -m1 "$E2E_FATAL" | cut -c1-160)" ;;
+    esac
+    log "guest $m boot $label done: $BOOT_RESULT"
+    return $rc
+}
+# boot_ok: the last boot reached its outcome.
+boot_ok() { [ "$BOOT_RESULT" = "outcome seen" ] || { echo "$BOOT_RESULT"; return 1; }; }
+
+# --- lanes: one machine each, run in parallel ---------------------------------
+
+# Machine A, BIOS: scenarios 1, 2, 3. It has a bed of its own, so that no
+# other machine writes its database while scenario 3 checks that the
+# finished path writes nothing.
+lane_a() {
+    BED=solo
+    local root=$WORK/solo/root mac=52:54:00:e2:0a:01 serial='KS E2E#A1 x'
+    local uuid=a0e2e2e2-0000-4000-8000-00000000000a disk=$WORK/A.disk id
+    truncate -s 8M "$disk"
+
+    # 1. unknown machine -> new; serial with a space and a # arrives intact
+    boot A 1-new bios "$disk" "$serial" "$uuid" 240 new_shown "$root" "$mac" @LOG@ 'KS E2E#A1 x' -- "br0:$mac"
+    ck 1 "console shows the host data" boot_ok || return
+    ck 1 "machine waits (still running)" eq "$GUEST_ALIVE" 1
+    id=$(db_host "$root" "$mac" id)
+    ck 1 "registered as new" eq "$(db_host "$root" "$mac" state)" new
+    ck 1 "serial stored intact" eq "$(db_host "$root" "$mac" serial)" "$serial"
+    ck 1 "uuid stored" eq "$(db_host "$root" "$mac" uuid | tr A-F a-f)" "$uuid"
+    ck 1 "MAC stored uppercase" eq "$(db_host "$root" "$mac" macs)" "${mac^^}"
+    ck 1 "one host holds the MAC" eq "$(db_count "$root" "$mac")" 1
+    ck 1 "serial URL-encoded in /bootstrap" grep -q 'GET /bootstrap?.*serial=KS%20E2E%23A1%20x' "$WORK/solo/run/access.log"
+    ck 1 "console shows the id" has "$LOG" "(host|id)[ =:]*$id\b"
+    done_scenario 1
+
+    # 2. operator sets the image state; the next boot installs
+    ck 2 "kiwispray-hosts set" host_set "$root" "$id" "$IMAGE" '{"e2e": {"token": "tok-A-4711"}}' e2e-a || return
+    boot A 2-install bios "$disk" "$serial" "$uuid" 420 powered_off @LOG@ -- "br0:$mac"
+    ck 2 "installer finished" boot_ok
+    ck 2 "image checksum verified by the installer" has "$LOG" 'KIWI-E2E: checksum verified'
+    ck 2 "disk equals the image byte for byte" disk_is "$disk" "$WORK/image.raw"
+    ck 2 "post-install ran with the host's data" has "$LOG" "E2E-POSTINSTALL: id=$id hostname=e2e-a token=tok-A-4711"
+    ck 2 "post-install record on the disk" eq "$(disk_record "$disk")" \
+        "E2E-POSTINSTALL id=$id hostname=e2e-a token=tok-A-4711 serial=$serial"
+    ck 2 "/finish accepted" has "$LOG" 'E2E-POSTINSTALL: finish ok'
+    ck 2 "state finished" eq "$(db_host "$root" "$mac" state)" finished
+    ck 2 "event log records the change" grep -q '"finished"' "$root/events.jsonl"
+    done_scenario 2
+    failed 2 && return
+
+    # 3. finished: local disk boots, database file untouched
+    local before after
+    before=$(file_stamp "$root/known_hosts.json")
+    local nboot
+    nboot=$(access_log solo | grep -cE "GET /bootstrap\?.*$(macre "$mac")")
+    boot A 3-local bios "$disk" "$serial" "$uuid" 240 serial_has @LOG@ 'KIWISPRAY-E2E-LOCAL-DISK-BOOTED' -- "br0:$mac"
+    ck 3 "local disk booted" boot_ok
+    ck 3 "marker of the local disk on the console" has "$LOG" 'KIWISPRAY-E2E-LOCAL-DISK-BOOTED \(bios\)'
+    ck 3 "machine asked /bootstrap first" eq "$(access_log solo | grep -cE "GET /bootstrap\?.*$(macre "$mac")")" "$((nboot + 1))"
+    after=$(file_stamp "$root/known_hosts.json")
+    ck 3 "known_hosts.json not rewritten (inode, mtime, size, content)" eq "$after" "$before"
+    ck 3 "still finished" eq "$(db_host "$root" "$mac" state)" finished
+    ck 3 "no installer ran" lacks "$LOG" 'KIWI-E2E'
+    done_scenario 3
+}
+
+# Machine B, BIOS: scenario 4, chained wipe,<image>.
+lane_b() {
+    BED=main
+    local root=$WORK/main/root mac=52:54:00:e2:0b:01 serial=KS-E2E-B
+    local uuid=b0e2e2e2-0000-4000-8000-00000000000b disk=$WORK/B.disk id
+    head -c 8M /dev/urandom >"$disk"     # old contents, for the wipe to remove
+    boot B 1-new bios "$disk" "$serial" "$uuid" 240 new_shown "$root" "$mac" @LOG@ "$serial" -- "br0:$mac"
+    ck 4 "first boot" boot_ok || return
+    ck 4 "registered as new" eq "$(db_host "$root" "$mac" state)" new || return
+    id=$(db_host "$root" "$mac" id)
+    ck 4 "kiwispray-hosts set wipe,$IMAGE" host_set "$root" "$id" "wipe,$IMAGE" '{"e2e": {"token": "tok-B"}}' e2e-b || return
+
+    boot B 2-wipe bios "$disk" "$serial" "$uuid" 420 powered_off @LOG@ -- "br0:$mac"
+    ck 4 "wipe boot" boot_ok
+    ck 4 "wipe stage ran first" has "$LOG" 'KIWI-E2E: wipe done'
+    ck 4 "wipe stage did not install" lacks "$LOG" 'KIWI-E2E: image '
+    ck 4 "wipe zeroed the disk head" cmp -n 1048576 "$disk" /dev/zero
+    ck 4 "the shipped post_install.tmpl reported /finish" has "$LOG" "KIWIspray: host $id reported finished"
+    ck 4 "after wipe the state is $IMAGE" eq "$(db_host "$root" "$mac" state)" "$IMAGE" || return
+
+    boot B 3-install bios "$disk" "$serial" "$uuid" 420 powered_off @LOG@ -- "br0:$mac"
+    ck 4 "install boot" boot_ok
+    ck 4 "image stage installed" has "$LOG" 'KIWI-E2E: checksum verified'
+    ck 4 "disk equals the image" disk_is "$disk" "$WORK/image.raw"
+    ck 4 "post-install of the image stage" eq "$(disk_record "$disk")" \
+        "E2E-POSTINSTALL id=$id hostname=e2e-b token=tok-B serial=$serial"
+    ck 4 "state finished" eq "$(db_host "$root" "$mac" state)" finished
+    done_scenario 4
+}
+
+# Machine C, BIOS, two NICs: the first on a network without DHCP. Placeholder
+# serial and all-zero UUID, so only the MACs can identify it.
+lane_c() {
+    BED=main
+    local root=$WORK/main/root mac1=52:54:00:e2:0c:01 mac2=52:54:00:e2:0c:02
+    local serial='To be filled by O.E.M.' uuid=00000000-0000-0000-0000-000000000000
+    local disk=$WORK/C.disk id1 id2 nhosts
+    truncate -s 8M "$disk"
+    boot C 1-new bios "$disk" "$serial" "$uuid" 360 new_shown "$root" "$mac2" @LOG@ "$(macre "$mac2")" -- "br1:$mac1" "br0:$mac2"
+    ck 5 "first boot registered" boot_ok || return
+    id1=$(db_host "$root" "$mac2" id)
+    ck 5 "both MACs on one host" eq "$(db_host "$root" "$mac1" id)" "$id1"
+    ck 5 "DHCP came from the second NIC" grep -qE "GET /bootstrap\?.*dhcp_mac=$(macre "$mac2")" "$WORK/main/run/access.log"
+    nhosts=$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$root/known_hosts.json")
+
+    boot C 2-again bios "$disk" "$serial" "$uuid" 360 serial_has @LOG@ "(host|id)[ =:]*$id1\b" -- "br1:$mac1" "br0:$mac2"
+    ck 5 "second boot shows the same host" boot_ok
+    id2=$(db_host "$root" "$mac2" id)
+    ck 5 "same host id across boots" eq "$id2" "$id1"
+    ck 5 "each MAC on exactly one host" eq "$(db_count "$root" "$mac1")/$(db_count "$root" "$mac2")" 1/1
+    ck 5 "no host added by the second boot" eq "$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$root/known_hosts.json")" "$nhosts"
+    ck 5 "placeholder serial did not merge machines" eq "$(db_host "$root" "$mac2" state)" new
+    done_scenario 5
+}
+
+# Machine D, UEFI (OVMF, iPXE as snponly.efi over TFTP): scenario 6.
+lane_d() {
+    BED=main
+    local root=$WORK/main/root mac=52:54:00:e2:0d:01 serial=KS-E2E-D
+    local uuid=d0e2e2e2-0000-4000-8000-00000000000d disk=$WORK/D.disk id
+    truncate -s 8M "$disk"
+    boot D 1-new uefi "$disk" "$serial" "$uuid" 360 new_shown "$root" "$mac" @LOG@ "$serial" -- "br0:$mac"
+    ck 6 "UEFI first boot" boot_ok || return
+    ck 6 "UEFI machine registered" eq "$(db_host "$root" "$mac" state)" new || return
+    ck 6 "iPXE reported platform efi" grep -qE "GET /bootstrap\?.*platform=efi" "$WORK/main/run/access.log"
+    id=$(db_host "$root" "$mac" id)
+    ck 6 "kiwispray-hosts set" host_set "$root" "$id" "$IMAGE" '{"e2e": {"token": "tok-D"}}' e2e-d || return
+
+    boot D 2-install uefi "$disk" "$serial" "$uuid" 480 powered_off @LOG@ -- "br0:$mac"
+    ck 6 "UEFI install boot" boot_ok
+    ck 6 "UEFI install: checksum verified" has "$LOG" 'KIWI-E2E: checksum verified'
+    ck 6 "UEFI install: disk equals the image" disk_is "$disk" "$WORK/image.raw"
+    ck 6 "UEFI install: post-install" eq "$(disk_record "$disk")" \
+        "E2E-POSTINSTALL id=$id hostname=e2e-d token=tok-D serial=$serial"
+    ck 6 "UEFI install: state finished" eq "$(db_host "$root" "$mac" state)" finished || return
+
+    # finished: iPXE must leave with an error status, so that BdsDxe reports
+    # the PXE option as failed and moves on to the next boot option (with
+    # "exit 0" it would start UiApp, the setup menu, instead). OVMF's next
+    # options are HTTP boot over the same NIC, then the disk, then the shell.
+    boot D 3-local uefi "$disk" "$serial" "$uuid" 360 next_uefi_option @LOG@ -- "br0:$mac"
+    ck 6 "OVMF went on to the next boot option" boot_ok
+    sleep 3 # long enough to see a menu, had there been one
+    ck 6 "iPXE left with a non-zero status" has "$LOG" 'BdsDxe: failed to start Boot[0-9A-F]+ "UEFI PXEv4'
+    ck 6 "no boot manager menu" lacks "$LOG" 'UiApp|Boot Manager Menu|Select Language'
+    ck 6 "no installer ran" lacks "$LOG" 'KIWI-E2E'
+    done_scenario 6
+}
+
+# next_uefi_option LOG: after the PXE option failed, OVMF starts another one.
+next_uefi_option() {
+    tr -d '\r' <"$1" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' \
+        | sed -n '/BdsDxe: failed to start Boot[0-9A-F]* "UEFI PXEv4/,$p' \
+        | grep -aqE '>>Start (HTTP|PXE)|BdsDxe: (loading|failed to load) Boot[0-9A-F]+ "(UEFI|EFI) (HTTP|Misc|QEMU|Internal)'
+}
+
+# Machine E, BIOS, on its own bed with the handler in discover mode: scenario 7.
+lane_e() {
+    BED=disc
+    local root=$WORK/disc/root mac=52:54:00:e2:0e:01 serial=KS-E2E-E
+    local uuid=e0e2e2e2-0000-4000-8000-00000000000e disk=$WORK/E.disk
+    truncate -s 8M "$disk"
+    boot E 1-register bios "$disk" "$serial" "$uuid" 300 discover_step "$root" "$mac" @LOG@ "$serial" -- "br0:$mac"
+    ck 7 "first boot" boot_ok || return
+    ck 7 "registered in discover mode" registered "$root" "$mac" || return
+    if ! serial_has "$LOG" 'KIWI-E2E: installer started'; then
+        # registration answered with new.tmpl: the discovery runs next boot
+        ck 7 "registered as discover,new" eq "$(db_host "$root" "$mac" state)" discover,new || return
+        boot E 2-discover bios "$disk" "$serial" "$uuid" 300 powered_off @LOG@ -- "br0:$mac"
+        ck 7 "discovery boot" boot_ok
+    fi
+    ck 7 "discover post-install POSTed /update" has "$LOG" 'E2E-DISCOVER: update ok'
+    ck 7 "discover post-install called /finish" has "$LOG" 'E2E-DISCOVER: finish ok'
+    ck 7 "state new after discovery" eq "$(db_host "$root" "$mac" state)" new
+    ck 7 "MACs stored" eq "$(db_host "$root" "$mac" macs)" "${mac^^}"
+    ck 7 "metadata stored" eq "$(db_host "$root" "$mac" metadata.discovered.nics)/$(db_host "$root" "$mac" metadata.discovered.disk_sectors)" "1/16384"
+    ck 7 "/update in the access log" grep -qE 'POST /update\?id=[0-9]+&bootid=[0-9a-f]{32}.* 200 ' "$WORK/disc/run/access.log"
+    done_scenario 7
+}
+# discover_step ROOT MAC LOG SERIAL: the installer powered off, or new.tmpl
+# shows the host's data.
+discover_step() { powered_off "$3" || new_shown "$@"; }
+
+# --- main --------------------------------------------------------------------
+
+log "building the installer and the test image"
+if ! "$here/build-installer.sh" "$WORK/installer" 2>"$WORK/logs/build-installer.log"; then
+    cat "$WORK/logs/build-installer.log" >&2
+    e2e_skip "could not build the test installer (kernel package from apt?)"
+fi
+P=$("$here/build-image.sh" "$WORK/build" "$WORK/image.raw" "$WORK/installer") || { E2E_FAILED=1; exit 1; }
+log "test image $P: $(head -c 16 "$WORK/build/$P.sha256")..."
+
+# The image goes in as an operator would put it; its post-install is the
+# test's own (see fixtures/post_install-image.tmpl).
+import_image() {
+    local root=$1
+    "$E2E_REPO/target/release/kiwispray-hosts" --root "$root" import-image "$IMAGE" "$WORK/build" \
+        >>"$WORK/logs/import.log" 2>&1 || { cat "$WORK/logs/import.log" >&2; return 1; }
+    cp "$here/fixtures/post_install-image.tmpl" "$root/images/$IMAGE/post_install.tmpl"
+}
+
+for bed in main solo; do
+    bed_up $bed || { E2E_FAILED=1; exit 1; }
+    import_image "$WORK/$bed/root" || { E2E_FAILED=1; exit 1; }
+done
+bed_up disc 1 || { E2E_FAILED=1; exit 1; }
+
+lanes=(lane_d lane_a lane_b lane_e lane_c)   # longest first
+declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7)
+jobs_max=${E2E_JOBS:-3}
+running=()
+for lane in "${lanes[@]}"; do
+    if [ -n "${E2E_ONLY:-}" ]; then
+        want=0
+        for s in ${LANE_SCEN[$lane]}; do [[ " $E2E_ONLY " == *" $s "* ]] && want=1; done
+        [ $want = 1 ] || continue
+    fi
+    while :; do
+        alive=()
+        for p in "${running[@]}"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
+        running=("${alive[@]}")
+        [ "${#running[@]}" -lt "$jobs_max" ] && break
+        sleep 1
+    done
+    ( "$lane" ) &
+    running+=($!)
+    echo $! >>"$WORK/lanes.pids"
+done
+for p in $(cat "$WORK/lanes.pids"); do wait "$p"; done
+
+# --- report --------------------------------------------------------------------
+
+npass=0 nfail=0 nskip=0
+for s in "${SCENARIOS[@]}"; do
+    r=$WORK/results/$s
+    if [ -n "${E2E_ONLY:-}" ] && [[ " $E2E_ONLY " != *" $s "* ]] && [ ! -e "$r" ]; then
+        nskip=$((nskip + 1)); echo "scenario $s: SKIPPED (E2E_ONLY)"; continue
+    fi
+    [ -e "$r" ] || echo "FAIL ${TITLE[$s]}: did not run (an earlier step of its machine failed)" >"$r"
+    if grep -q '^PASS' "$r"; then npass=$((npass + 1)); else nfail=$((nfail + 1)); fi
+    echo "scenario $s: $(cat "$r")"
+done
+
+E2E_FAILED=$nfail
+if [ "$nfail" -gt 0 ]; then
+    declare -A MACHINE=([1]=A [2]=A [3]=A [4]=B [5]=C [6]=D [7]=E)
+    machines=$(for s in "${SCENARIOS[@]}"; do
+        grep -qs '^FAIL' "$WORK/results/$s" && echo "${MACHINE[$s]}"; done | sort -u)
+    for m in $machines; do
+        for f in "$WORK/logs/$m"-*.serial; do
+            [ -e "$f" ] || continue
+            echo "======== serial log $(basename "$f") (last 80 lines)"
+            tr -d '\r' <"$f" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -av '^\s*$' | tail -n 80
+        done
+    done
+    for bed in main solo disc; do
+        for f in "$WORK/$bed/serve.log" "$WORK/$bed/run/"*.log; do
+            [ -e "$f" ] || continue
+            echo "======== $bed: $(basename "$f") (last 100 lines)"
+            tail -n 100 "$f"
+        done
+        echo "======== $bed: known_hosts.json"
+        cat "$WORK/$bed/root/known_hosts.json"
+    done
+fi
+elapsed=$(($(date +%s) - E2E_START))
+echo "e2e: stage took ${elapsed}s"
+summary="e2e: $npass passed, $nfail failed"
+[ "$nskip" -gt 0 ] && summary+=", $nskip skipped"
+echo "$summary"
+[ "$nfail" -eq 0 ]
