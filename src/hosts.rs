@@ -154,6 +154,64 @@ impl Entry {
     }
 }
 
+/// How many hosts share one copy-on-write chunk of [`Entries`].
+const CHUNK: usize = 64;
+
+/// The hosts in file order, in chunks that clones of the database share:
+/// changing one host copies its chunk and the list of chunks (a pointer per
+/// 64 hosts), not a pointer per host.
+#[derive(Debug, Clone, Default)]
+struct Entries {
+    chunks: Vec<Arc<Vec<Entry>>>,
+    len: usize,
+}
+
+impl Entries {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn get(&self, i: usize) -> &Entry {
+        &self.chunks[i / CHUNK][i % CHUNK]
+    }
+
+    fn set(&mut self, i: usize, entry: Entry) {
+        Arc::make_mut(&mut self.chunks[i / CHUNK])[i % CHUNK] = entry;
+    }
+
+    fn push(&mut self, entry: Entry) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < CHUNK => Arc::make_mut(chunk).push(entry),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(entry);
+                self.chunks.push(Arc::new(chunk));
+            }
+        }
+        self.len += 1;
+    }
+
+    /// Removes entry `i`; the entries after it move up (rare: the chunks
+    /// are rebuilt).
+    fn remove(&mut self, i: usize) {
+        let mut rest = Entries::default();
+        for (j, e) in self.iter().enumerate() {
+            if j != i {
+                rest.push(e.clone());
+            }
+        }
+        *self = rest;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.chunks.iter().flat_map(|c| c.iter())
+    }
+}
+
 /// An identity key: what a booting machine is recognised by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Key {
@@ -281,11 +339,11 @@ impl Index {
     }
 }
 
-/// The whole database. Cheap to clone: the host list and the indexes are
-/// shared between clones and copied only when a clone changes them, and
-/// each host's JSON is shared until that host is changed. A write that
-/// changes one host therefore copies one list of pointers, not the hosts
-/// or the indexes.
+/// The whole database. Cheap to clone: the host list (in chunks) and the
+/// indexes are shared between clones and copied only when a clone changes
+/// them, and each host's JSON is shared until that host is changed. A write
+/// that changes one host therefore copies one chunk of 64 pointers and the
+/// list of chunks, not the hosts or the indexes.
 ///
 /// Changes are of two kinds, which the store saves differently: a new
 /// bootid set through [`Database::set_bootid`] (the frequent write while
@@ -293,7 +351,7 @@ impl Index {
 /// rewrites the file).
 #[derive(Debug, Clone, Default)]
 pub struct Database {
-    entries: Arc<Vec<Entry>>,
+    entries: Entries,
     by_id: Arc<HashMap<u64, usize>>,
     index: Arc<Index>,
     /// The highest id in use (0 when empty), so `next_id` is O(1).
@@ -337,7 +395,7 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut entries = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        let mut entries = Entries::default();
         let mut by_id = HashMap::new();
         let mut index = Index::default();
         while let Some(host) = seq.next_element::<Host>()? {
@@ -352,10 +410,9 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
             self.db.max_id = self.db.max_id.max(host.id);
             entries.push(Entry::new(&host));
         }
-        entries.shrink_to_fit();
         by_id.shrink_to_fit();
         index.shrink_to_fit();
-        self.db.entries = Arc::new(entries);
+        self.db.entries = entries;
         self.db.by_id = Arc::new(by_id);
         self.db.index = Arc::new(index);
         Ok(())
@@ -461,7 +518,7 @@ impl Database {
     }
 
     fn entry(&self, id: u64) -> Option<&Entry> {
-        self.by_id.get(&id).map(|&i| &self.entries[i])
+        self.by_id.get(&id).map(|&i| self.entries.get(i))
     }
 
     /// The ids of the hosts that carry a key.
@@ -509,7 +566,7 @@ impl Database {
         for key in keys_of(&host, &self.placeholders) {
             index.add(key, id);
         }
-        Arc::make_mut(&mut self.entries).push(Entry::new(&host));
+        self.entries.push(Entry::new(&host));
         Arc::make_mut(&mut self.by_id).insert(id, i);
         self.max_id = self.max_id.max(id);
         self.changed = true;
@@ -520,7 +577,7 @@ impl Database {
     /// Nothing is marked changed when `f` leaves the host as it was.
     pub fn update<R>(&mut self, id: u64, f: impl FnOnce(&mut Host) -> R) -> Option<R> {
         let i = *self.by_id.get(&id)?;
-        let before = self.entries[i].host();
+        let before = self.entries.get(i).host();
         let mut host = before.clone();
         let result = f(&mut host);
         host.id = id;
@@ -536,7 +593,7 @@ impl Database {
                     index.add(k, id);
                 }
             }
-            Arc::make_mut(&mut self.entries)[i] = Entry::new(&host);
+            self.entries.set(i, Entry::new(&host));
             self.changed = true;
         }
         Some(result)
@@ -562,24 +619,24 @@ impl Database {
     /// else whether the bootid differed.
     pub(crate) fn replace_bootid(&mut self, id: u64, bootid: Option<String>) -> Option<bool> {
         let i = *self.by_id.get(&id)?;
-        let mut host = self.entries[i].host();
+        let mut host = self.entries.get(i).host();
         if host.bootid == bootid {
             return Some(false);
         }
         host.bootid = bootid;
-        Arc::make_mut(&mut self.entries)[i] = Entry::new(&host);
+        self.entries.set(i, Entry::new(&host));
         Some(true)
     }
 
     /// Removes a host and returns it.
     pub fn remove(&mut self, id: u64) -> Option<Host> {
         let i = *self.by_id.get(&id)?;
-        let host = self.entries[i].host();
+        let host = self.entries.get(i).host();
         let index = Arc::make_mut(&mut self.index);
         for k in keys_of(&host, &self.placeholders) {
             index.remove(&k, id);
         }
-        Arc::make_mut(&mut self.entries).remove(i);
+        self.entries.remove(i);
         let by_id = Arc::make_mut(&mut self.by_id);
         by_id.remove(&id);
         for pos in by_id.values_mut() {

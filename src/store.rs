@@ -468,9 +468,13 @@ impl Inner {
         if cache.fresh(file, journal) {
             return cache.result.clone();
         }
+        // An append changes the times before the size: a journal of the
+        // same size may be in the middle of one.
         let grown = match (cache.journal.stamp, journal) {
             (None, Some(_)) => true,
-            (Some(old), Some(new)) => old.dev == new.dev && old.ino == new.ino && new.len > old.len,
+            (Some(old), Some(new)) => {
+                old.dev == new.dev && old.ino == new.ino && new.len >= old.len
+            }
             _ => false,
         };
         if cache.loaded && cache.file == file && file.is_some() && cache.result.is_ok() && grown {
