@@ -704,9 +704,29 @@ impl Inner {
             && file.is_some()
             && journal.appendable()
             && journal.read < fold_at;
-        if append && !txn.db.bootid_changes().is_empty() {
+        // A journal this process cannot append to (e.g. left by another
+        // user) does not stop installs: the change is saved in full.
+        let opened = if append && !txn.db.bootid_changes().is_empty() {
+            match OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&self.journal_path)
+            {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    eprintln!(
+                        "kiwispray: cannot open the bootid journal {}: {e}; saving the whole database",
+                        self.journal_path.display()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(f) = opened {
             let ino = file.map_or(0, |f| f.ino);
-            self.append_journal(ino, txn.db, journal)?;
+            self.append_journal(f, ino, txn.db, journal)?;
         } else if txn.db.is_changed() {
             txn.db.clear_changed();
             *replaced = self.save(Arc::new(txn.db), journal)?;
@@ -722,10 +742,12 @@ impl Inner {
         Ok(())
     }
 
-    /// Appends the bootid changes of `db` to the journal (one write, one
-    /// fsync) and makes `db` the cached database.
+    /// Appends the bootid changes of `db` to the journal, opened for
+    /// appending as `f` (one write, one fsync), and makes `db` the cached
+    /// database.
     fn append_journal(
         &self,
+        mut f: File,
         ino: u64,
         mut db: Database,
         journal: JournalState,
@@ -746,11 +768,6 @@ impl Inner {
         }
         db.clear_changed();
         let created = journal.stamp.is_none();
-        let mut f = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|e| io_error("append to", path, e))?;
         let stamp = (|| -> io::Result<Stamp> {
             if created {
                 if let Ok(m) = fs::metadata(&self.path) {
