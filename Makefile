@@ -57,9 +57,11 @@ lint: deps-test
 fmt:
 	$(CARGO) fmt --all
 
-# Unit tests and the integration tests through real nginx.
+# Unit tests, the CLI, reliability and packaging tests, and the HTTP suite
+# through real nginx; then the HTTP suite again through real lighttpd.
 test-unit: deps-test
 	$(CARGO) test --locked
+	KIWISPRAY_WEB=lighttpd $(CARGO) test --locked --test http
 
 # Real firmware: QEMU guests, iPXE, dnsmasq and nginx in a network namespace.
 test-e2e: deps-test build

@@ -46,6 +46,9 @@ pub struct Request {
     /// The server address and port the request came in on.
     pub server_addr: String,
     pub server_port: String,
+    /// The status of a refused request the web server hands to its error
+    /// handler (`REDIRECT_STATUS`), if any.
+    pub redirect_status: String,
 }
 
 /// A response, written as a CGI response by the adapters.
@@ -266,6 +269,9 @@ impl Service {
     pub fn handle(&self, req: &Request) -> Response {
         let name = req.path.rsplit('/').next().unwrap_or("");
         let method = req.method.as_str();
+        if name == "kiwispray-error" {
+            return web_server_error(req);
+        }
         let allowed = match name {
             "update" => method == "POST",
             // These change state, so only GET; HEAD must have no effects.
@@ -724,6 +730,24 @@ impl Service {
     fn hosts(&self) -> Result<Response, Response> {
         let db = self.snapshot()?;
         Ok(Response::text(200, host_table(&db)))
+    }
+}
+
+/// The web server's own refusal (lighttpd's `server.error-handler`) as one
+/// line of plain text with the web server's status.
+fn web_server_error(req: &Request) -> Response {
+    match req.redirect_status.parse::<u16>() {
+        Ok(status @ 400..=599) => {
+            let reason = match reason_phrase(status) {
+                "" => "request refused".to_string(),
+                r => r.to_lowercase(),
+            };
+            Response::error(
+                status,
+                format!("{reason} ({} {})", req.method, shorten(&req.path)),
+            )
+        }
+        _ => Response::error(404, "no such path \"/kiwispray-error\""),
     }
 }
 

@@ -42,6 +42,7 @@ pub fn request_from(
         host_header: get("HTTP_HOST"),
         server_addr: get("SERVER_ADDR"),
         server_port: get("SERVER_PORT"),
+        redirect_status: get("REDIRECT_STATUS"),
     };
     if req.query.contains('\u{FFFD}') {
         return Err(Response::error(400, "query string is not valid UTF-8"));
@@ -104,6 +105,7 @@ const VARS: &[&str] = &[
     "HTTP_HOST",
     "SERVER_ADDR",
     "SERVER_PORT",
+    "REDIRECT_STATUS",
 ];
 
 /// Serves FastCGI on a listening socket until the process is killed.
