@@ -9,6 +9,7 @@ E2E_HERE=$E2E_REPO/tests/e2e
 E2E_CACHE=${E2E_CACHE:-/var/cache/kiwispray-e2e}
 SERVER_IP=10.77.0.1
 SERVER_PORT=5000
+SITE_IP=10.77.0.254     # the site's own DHCP server in the proxy-DHCP bed
 DHCP_RANGE=10.77.0.100,10.77.0.199,255.255.255.0,1h
 IPXE_ROM=/usr/lib/ipxe/qemu/efi-virtio.rom
 OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
@@ -22,7 +23,7 @@ e2e_skip() {
         echo "################################################################"
         echo "E2E SKIPPED: $*"
         echo "################################################################"
-        echo "e2e: 0 passed, 0 failed, 7 skipped"
+        echo "e2e: 0 passed, 0 failed, 8 skipped"
     } >&2
     if [ "${E2E_ALLOW_SKIP:-0}" = 1 ]; then exit 0; fi
     exit 2
@@ -78,10 +79,13 @@ env_check() {
 
 # --- test beds: namespace + bridges + serve.sh (nginx, handler, dnsmasq) ----
 
-# bed_up NAME [DISCOVER]: namespace kse2e-<pid>-NAME with br0 (DHCP,
+# bed_up NAME [DISCOVER [DHCP]]: namespace kse2e-<pid>-NAME with br0 (DHCP,
 # $SERVER_IP) and br1 (a dead network: no address, no DHCP), and the stack.
+# DHCP=full (default): serve.sh runs dnsmasq with dnsmasq/kiwispray.conf.
+# DHCP=proxy: serve.sh runs nginx and the handler only, and proxy_dhcp_up
+# adds the site's DHCP server and KIWIspray's proxy (kiwispray-proxy.conf).
 bed_up() {
-    local name=$1 discover=${2:-0}
+    local name=$1 discover=${2:-0} dhcp=${3:-full}
     local ns=kse2e-$$-$name dir=$WORK/$name
     mkdir -p "$dir/root" "$dir/run"
     echo "$ns" >>"$WORK/namespaces"
@@ -94,17 +98,18 @@ bed_up() {
     ip -n "$ns" link set br1 up
     # Seed the root the way `make serve` would, then let the test add to it.
     seed_root "$dir/root"
-    local envs=("PORT=$SERVER_PORT" "ROOT=$dir/root" "RUN_DIR=$dir/run"
-                DHCP_IFACE=br0 "DHCP_RANGE=$DHCP_RANGE" "SERVER_IP=$SERVER_IP")
+    local envs=("PORT=$SERVER_PORT" "ROOT=$dir/root" "RUN_DIR=$dir/run")
+    [ "$dhcp" = full ] && envs+=(DHCP_IFACE=br0 "DHCP_RANGE=$DHCP_RANGE" "SERVER_IP=$SERVER_IP")
     [ "$discover" = 1 ] && envs+=(DISCOVER=1)
     ip netns exec "$ns" env "${envs[@]}" "$E2E_REPO/nginx/serve.sh" \
         >"$dir/serve.log" 2>&1 </dev/null &
     echo $! >"$dir/serve.pid"
+    [ "$dhcp" = proxy ] && { proxy_dhcp_up "$name" || return 1; }
     local i
     for i in $(seq 100); do
         if ip netns exec "$ns" curl -fsS -o /dev/null "http://$SERVER_IP:$SERVER_PORT/bootstrap.ipxe" 2>/dev/null \
            && [ -n "$(dnsmasq_pids "$ns")" ]; then
-            log "bed $name up (namespace $ns)"
+            log "bed $name up (namespace $ns, $dhcp DHCP)"
             return 0
         fi
         kill -0 "$(cat "$dir/serve.pid")" 2>/dev/null || break
@@ -112,6 +117,70 @@ bed_up() {
     done
     log "bed $name did not come up; serve.sh output:"
     sed 's/^/    /' "$dir/serve.log" >&2
+    return 1
+}
+
+# proxy_dhcp_up NAME: the proxy-DHCP network of bed NAME. Two dnsmasq
+# instances answer DHCP on br0:
+#  - the site's own DHCP server, a plain dnsmasq with a config of its own
+#    that hands out addresses and no boot information at all. It listens on
+#    site0 ($SITE_IP), one end of a veth pair whose other end is a port of
+#    br0, so on the wire it is a host of its own;
+#  - KIWIspray's proxy: dnsmasq/kiwispray-proxy.conf, adapted only in the
+#    interface (br0), the proxy dhcp-range (the network of br0) and the
+#    server address ($SERVER_IP:$SERVER_PORT, and $SERVER_IP as the
+#    next server of the bootstrap URL), as serve.sh adapts
+#    kiwispray.conf. It gives PXE firmware iPXE over TFTP and iPXE the
+#    bootstrap URL.
+# Each binds port 67 to its own interface (bind-interfaces); the proxy alone
+# serves port 4011 and TFTP. Configs, logs and leases are
+# $WORK/NAME/run/dnsmasq-{site,proxy}.{conf,log,leases}.
+proxy_dhcp_up() {
+    local name=$1 ns=kse2e-$$-$1 run=$WORK/$1/run
+    ip -n "$ns" link add site0 type veth peer name site0p
+    ip -n "$ns" link set site0p master br0 up
+    # no prefix route: the namespace reaches the guests through br0 only,
+    # and each interface answers ARP for its own address only
+    ip -n "$ns" addr add "$SITE_IP/24" dev site0 noprefixroute
+    ip -n "$ns" link set site0 up
+    ip netns exec "$ns" sysctl -qw net.ipv4.conf.site0.arp_ignore=1 net.ipv4.conf.br0.arp_ignore=1
+    cat >"$run/dnsmasq-site.conf" <<EOF
+# the site's DHCP server: addresses only, no boot information
+interface=site0
+bind-interfaces
+except-interface=lo
+port=0
+dhcp-range=$DHCP_RANGE
+log-dhcp
+EOF
+    sed -e "s#^interface=.*#interface=br0#" \
+        -e "s#^dhcp-range=.*,proxy\$#dhcp-range=${SERVER_IP%.*}.0,proxy#" \
+        -e "s#192\.168\.100\.1:5000#$SERVER_IP:$SERVER_PORT#g" \
+        -e "s#192\.168\.100\.1\\b#$SERVER_IP#g" \
+        "$E2E_REPO/dnsmasq/kiwispray-proxy.conf" >"$run/dnsmasq-proxy.conf"
+    local which
+    for which in site proxy; do
+        ip netns exec "$ns" dnsmasq --keep-in-foreground --conf-file="$run/dnsmasq-$which.conf" \
+            --pid-file="$run/dnsmasq-$which.pid" --dhcp-leasefile="$run/dnsmasq-$which.leases" \
+            --log-facility="$run/dnsmasq-$which.log" >"$run/dnsmasq-$which.out" 2>&1 </dev/null &
+        echo $! >"$WORK/$name/dnsmasq-$which.ownpid"
+    done
+    local i
+    for i in $(seq 50); do
+        if [ "$(ip netns exec "$ns" ss -Hlun 'sport = :67' | wc -l)" -ge 2 ] \
+           && ip netns exec "$ns" ss -Hlun 'sport = :4011' | grep -q .; then
+            return 0
+        fi
+        for which in site proxy; do
+            kill -0 "$(cat "$WORK/$name/dnsmasq-$which.ownpid")" 2>/dev/null && continue
+            log "bed $name: the $which dnsmasq exited:"
+            cat "$run/dnsmasq-$which.out" "$run/dnsmasq-$which.log" 2>/dev/null | sed 's/^/    /' >&2
+            return 1
+        done
+        sleep 0.2
+    done
+    log "bed $name: the two dnsmasq instances do not listen on ports 67 and 4011"
+    ip netns exec "$ns" ss -lun >&2
     return 1
 }
 
@@ -126,11 +195,12 @@ dnsmasq_pids() {
 # (all of it started by this test), then deletes the namespace.
 bed_down() {
     local name=$1 ns=kse2e-$$-$1 dir=$WORK/$1 pid p
-    pid=$(cat "$dir/serve.pid" 2>/dev/null || true)
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    # serve.sh, and the dnsmasq instances proxy_dhcp_up started
+    for pid in $(cat "$dir/serve.pid" "$dir"/dnsmasq-*.ownpid 2>/dev/null); do
+        kill -0 "$pid" 2>/dev/null || continue
         kill -TERM "$pid" 2>/dev/null
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    fi
+    done
     if ip netns list | grep -qw "$ns"; then
         for p in $(ip netns pids "$ns" 2>/dev/null); do
             log "bed $name: process $p ($(cat /proc/$p/comm 2>/dev/null)) left behind in $ns, killing it"

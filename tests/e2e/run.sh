@@ -2,8 +2,8 @@
 # End-to-end tests of KIWIspray with real firmware, run by `make test` as
 # root: QEMU (TCG) guests with SeaBIOS + iPXE or OVMF, the shipped dnsmasq
 # config and `nginx/serve.sh` inside private network namespaces, a small
-# KIWI-style installer and a test image. Scenarios: see issue 4 and the
-# lane_* functions below. Prints "e2e: N passed, M failed[, K skipped]".
+# KIWI-style installer and a test image. Scenarios: see issues 4 and 5 and
+# the lane_* functions below. Prints "e2e: N passed, M failed[, K skipped]".
 #
 # Environment: E2E_ALLOW_SKIP=1 (an unusable environment exits 0, still
 # loudly), E2E_JOBS (guests at once, default 3), E2E_KEEP=1 (keep the work
@@ -42,7 +42,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 IMAGE=kiwispray-e2e
-SCENARIOS=(1 2 3 4 5 6 7)
+SCENARIOS=(1 2 3 4 5 6 7 8)
 declare -A TITLE=(
     [1]="unknown machine registered as new, serial intact"
     [2]="install: disk equals image, post-install with metadata, finished"
@@ -51,6 +51,7 @@ declare -A TITLE=(
     [5]="two NICs, DHCP on the second only: same host across boots"
     [6]="UEFI: finished leaves iPXE to the next boot option; UEFI install"
     [7]="discover mode: /update stores MACs and metadata, ends new"
+    [8]="proxy DHCP (BIOS, UEFI): address from the site's server, boot from kiwispray-proxy.conf"
 )
 
 # --- checks ------------------------------------------------------------------
@@ -300,6 +301,93 @@ lane_e() {
 # shows the host's data.
 discover_step() { powered_off "$3" || new_shown "$@"; }
 
+# Machines F (BIOS) and G (UEFI), one after the other on the proxy-DHCP bed:
+# scenario 8. The site's DHCP server (site0, $SITE_IP) hands out the
+# addresses; KIWIspray's proxy (br0, dnsmasq/kiwispray-proxy.conf) only the
+# boot information: iPXE over TFTP for the firmware, then the bootstrap URL.
+lane_f() {
+    BED=proxy
+    local root=$WORK/proxy/root run=$WORK/proxy/run mac=52:54:00:e2:0f:01 serial=KS-E2E-F
+    local uuid=f0e2e2e2-0000-4000-8000-00000000000f disk=$WORK/F.disk ip
+    truncate -s 8M "$disk"
+    ck 8 "proxy config adapted only in interface, proxy range and server" \
+        proxy_conf_adapted "$E2E_REPO/dnsmasq/kiwispray-proxy.conf" "$run/dnsmasq-proxy.conf" || return
+    boot F 1-new bios "$disk" "$serial" "$uuid" 300 new_shown "$root" "$mac" @LOG@ "$serial" -- "br0:$mac"
+    ck 8 "BIOS: console shows the host data" boot_ok || return
+    # the address: from the site's server, and from it alone
+    ip=$(lease_ip "$run/dnsmasq-site.leases" "$mac")
+    ck 8 "BIOS: the site's server leased an address" test -n "$ip" || return
+    ck 8 "BIOS: site server log shows the DHCPACK" \
+        grep -qiE "DHCPACK\(site0\) ${ip//./\\.} $mac" "$run/dnsmasq-site.log"
+    ck 8 "BIOS: the site's server sent no boot information" \
+        lacks "$run/dnsmasq-site.log" 'bootfile name|bootstrap|sent size: *[0-9]+ option: *(43|60|66|67) |PXE\('
+    ck 8 "BIOS: the proxy leased nothing" eq "$(grep -c . "$run/dnsmasq-proxy.leases")" 0
+    ck 8 "BIOS: the proxy offered no address" lacks "$run/dnsmasq-proxy.log" 'DHCP(OFFER|ACK)\(br0\) [0-9]'
+    # the boot file: from the proxy
+    ck 8 "BIOS: the proxy answered the client as proxy" \
+        grep -qiE "PXE\(br0\) $mac proxy\$" "$run/dnsmasq-proxy.log"
+    ck 8 "BIOS: the proxy sent the bootstrap URL" \
+        grep -qF "bootfile name: http://$SERVER_IP:$SERVER_PORT/bootstrap.ipxe" "$run/dnsmasq-proxy.log"
+    # iPXE takes a ProxyDHCP offer with a boot file only beside a next server
+    ck 8 "BIOS: the proxy named itself the next server" \
+        grep -qF "next server: $SERVER_IP" "$run/dnsmasq-proxy.log"
+    ck 8 "BIOS: iPXE took the boot file from the proxy" \
+        has "$LOG" "^Filename: http://${SERVER_IP//./\\.}:$SERVER_PORT/bootstrap\.ipxe\$"
+    ck 8 "BIOS: iPXE fetched bootstrap.ipxe over HTTP" \
+        has "$LOG" "http://${SERVER_IP//./\\.}:$SERVER_PORT/bootstrap\.ipxe\.* ok"
+    ck 8 "BIOS: bootstrap.ipxe fetched from the leased address" \
+        grep -qE "^${ip//./\\.} .*\"GET /bootstrap\.ipxe HTTP/1\.1\" 200 " "$run/access.log"
+    ck 8 "BIOS: registered as new" eq "$(db_host "$root" "$mac" state)" new
+    ck 8 "BIOS: serial stored" eq "$(db_host "$root" "$mac" serial)" "$serial"
+    ck 8 "BIOS: one host, holding the MAC" eq "$(db_hosts "$root")/$(db_count "$root" "$mac")" 1/1
+    failed 8 && return
+
+    # UEFI: OVMF's PXE client gets its address from the site's server and
+    # snponly.efi from the proxy's pxe-service (boot server on port 4011,
+    # TFTP); iPXE then asks DHCP again and takes the bootstrap URL.
+    local gmac=52:54:00:e2:0f:02 gserial=KS-E2E-G gip
+    local guuid=f0e2e2e2-0000-4000-8000-00000000001f gdisk=$WORK/G.disk
+    truncate -s 8M "$gdisk"
+    boot G 1-new uefi "$gdisk" "$gserial" "$guuid" 360 new_shown "$root" "$gmac" @LOG@ "$gserial" -- "br0:$gmac"
+    ck 8 "UEFI: console shows the host data" boot_ok || return
+    gip=$(lease_ip "$run/dnsmasq-site.leases" "$gmac")
+    ck 8 "UEFI: the site's server leased an address" test -n "$gip" || return
+    ck 8 "UEFI: site server log shows the DHCPACK" \
+        grep -qiE "DHCPACK\(site0\) ${gip//./\\.} $gmac" "$run/dnsmasq-site.log"
+    ck 8 "UEFI: the site's server sent no boot information" \
+        lacks "$run/dnsmasq-site.log" 'bootfile name|bootstrap|sent size: *[0-9]+ option: *(43|60|66|67) |PXE\('
+    ck 8 "UEFI: the proxy leased nothing" eq "$(grep -c . "$run/dnsmasq-proxy.leases")" 0
+    ck 8 "UEFI: the proxy answered the firmware (arch 7)" \
+        grep -qE "vendor class: PXEClient:Arch:00007" "$run/dnsmasq-proxy.log"
+    ck 8 "UEFI: the proxy's boot service named snponly.efi" \
+        grep -qE "bootfile name: snponly\.efi\$" "$run/dnsmasq-proxy.log"
+    ck 8 "UEFI: snponly.efi sent over TFTP by the proxy" \
+        grep -qE "dnsmasq-tftp\[[0-9]+\]: sent /usr/lib/ipxe/snponly\.efi to ${gip//./\\.}\$" "$run/dnsmasq-proxy.log"
+    ck 8 "UEFI: iPXE fetched bootstrap.ipxe over HTTP" \
+        has "$LOG" "http://${SERVER_IP//./\\.}:$SERVER_PORT/bootstrap\.ipxe\.* ok"
+    ck 8 "UEFI: /bootstrap from the leased address, platform efi" \
+        grep -qE "^${gip//./\\.} .*\"GET /bootstrap\?.*dhcp_mac=$(macre "$gmac").*platform=efi" "$run/access.log"
+    ck 8 "UEFI: registered as new" eq "$(db_host "$root" "$gmac" state)" new
+    ck 8 "UEFI: two hosts, one for each MAC" \
+        eq "$(db_hosts "$root")/$(db_count "$root" "$mac")/$(db_count "$root" "$gmac")" 2/1/1
+    done_scenario 8
+}
+
+# proxy_conf_adapted SHIPPED ADAPTED: the two differ only in the interface=,
+# the `dhcp-range=...,proxy` line and the server address.
+proxy_conf_adapted() {
+    local ip=${SERVER_IP//./\\.}
+    diff <(grep -vE '^(interface=|dhcp-range=.*,proxy$)' "$1" \
+               | sed -e 's#192\.168\.100\.1:5000#@SERVER@#g' -e 's#192\.168\.100\.1\b#@IP@#g') \
+         <(grep -vE '^(interface=|dhcp-range=.*,proxy$)' "$2" \
+               | sed -e "s#$ip:$SERVER_PORT#@SERVER@#g" -e "s#$ip\\b#@IP@#g") \
+        && eq "$(grep -cE '^(interface=br0|dhcp-range=10\.77\.0\.0,proxy)$' "$2")" 2 \
+        && grep -qF "http://$SERVER_IP:$SERVER_PORT/bootstrap.ipxe" "$2"
+}
+# lease_ip LEASES MAC: the address dnsmasq leased to MAC.
+lease_ip() { awk -v m="${2,,}" 'tolower($2) == m { print $3 }' "$1" 2>/dev/null; }
+db_hosts() { python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$1/known_hosts.json"; }
+
 # --- main --------------------------------------------------------------------
 
 log "building the installer and the test image"
@@ -324,9 +412,10 @@ for bed in main solo; do
     import_image "$WORK/$bed/root" || { E2E_FAILED=1; exit 1; }
 done
 bed_up disc 1 || { E2E_FAILED=1; exit 1; }
+bed_up proxy 0 proxy || { E2E_FAILED=1; exit 1; }
 
-lanes=(lane_d lane_a lane_b lane_e lane_c)   # longest first
-declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7)
+lanes=(lane_d lane_a lane_b lane_e lane_c lane_f)   # longest first
+declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7 [lane_f]=8)
 jobs_max=${E2E_JOBS:-3}
 running=()
 for lane in "${lanes[@]}"; do
@@ -363,7 +452,7 @@ done
 
 E2E_FAILED=$nfail
 if [ "$nfail" -gt 0 ]; then
-    declare -A MACHINE=([1]=A [2]=A [3]=A [4]=B [5]=C [6]=D [7]=E)
+    declare -A MACHINE=([1]=A [2]=A [3]=A [4]=B [5]=C [6]=D [7]=E [8]="F G")
     machines=$(for s in "${SCENARIOS[@]}"; do
         grep -qs '^FAIL' "$WORK/results/$s" && echo "${MACHINE[$s]}"; done | sort -u)
     for m in $machines; do
@@ -373,7 +462,7 @@ if [ "$nfail" -gt 0 ]; then
             tr -d '\r' <"$f" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -av '^\s*$' | tail -n 80
         done
     done
-    for bed in main solo disc; do
+    for bed in main solo disc proxy; do
         for f in "$WORK/$bed/serve.log" "$WORK/$bed/run/"*.log; do
             [ -e "$f" ] || continue
             echo "======== $bed: $(basename "$f") (last 100 lines)"
