@@ -60,7 +60,7 @@ fmt:
 # Unit tests, the CLI, reliability and packaging tests, and the HTTP suite
 # through real nginx; then the HTTP suite again through real lighttpd.
 test-unit: deps-test
-	$(CARGO) test --locked
+	$(CARGO) test --locked --no-fail-fast
 	KIWISPRAY_WEB=lighttpd $(CARGO) test --locked --test http
 
 # Real firmware: QEMU guests, iPXE, dnsmasq and nginx in a network namespace.
