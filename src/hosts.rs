@@ -16,7 +16,9 @@
 use crate::identity::{parse_mac_list, Mac, Placeholders};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 /// The hostname a freshly registered machine gets.
@@ -239,16 +241,78 @@ fn uuid_bits(uuid: &str) -> Option<u128> {
     u128::from_str_radix(&hex, 16).ok()
 }
 
+/// How many copy-on-write shards each index map is split into.
+const SHARDS: usize = 64;
+
+/// A hash map split into shards that clones of the database share, so
+/// that adding a host copies one shard of each index, not the whole index.
+#[derive(Debug, Clone)]
+struct Sharded<K, V> {
+    shards: Vec<Arc<HashMap<K, V>>>,
+}
+
+impl<K, V> Default for Sharded<K, V> {
+    fn default() -> Self {
+        Sharded {
+            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Sharded<K, V> {
+    fn shard<Q: Hash + ?Sized>(key: &Q) -> usize {
+        // Only spreads keys over shards; each shard is a HashMap with its
+        // own randomly keyed hasher.
+        let mut h = std::hash::DefaultHasher::new();
+        key.hash(&mut h);
+        (h.finish() % SHARDS as u64) as usize
+    }
+
+    fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
+        self.shards[Self::shard(key)].get(key)
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        Arc::make_mut(&mut self.shards[Self::shard(&key)]).insert(key, value);
+    }
+
+    fn remove<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
+        let shard = &mut self.shards[Self::shard(key)];
+        if !shard.contains_key(key) {
+            return None;
+        }
+        Arc::make_mut(shard).remove(key)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.shards
+            .iter_mut()
+            .flat_map(|s| Arc::make_mut(s).values_mut())
+    }
+
+    fn shrink_to_fit(&mut self) {
+        for s in &mut self.shards {
+            Arc::make_mut(s).shrink_to_fit();
+        }
+    }
+}
+
 /// Which hosts carry which identity key. Nearly every key belongs to one
 /// host, so those are kept in compact maps (a MAC is 6 bytes, a UUID 16);
 /// the rare key that several hosts share (a conflict an operator has to
 /// resolve) is kept with all its hosts in `shared`.
 #[derive(Debug, Clone, Default)]
 struct Index {
-    macs: HashMap<Mac, u64>,
-    serials: HashMap<Box<str>, u64>,
-    uuids: HashMap<u128, u64>,
-    shared: HashMap<Key, Vec<u64>>,
+    macs: Sharded<Mac, u64>,
+    serials: Sharded<Box<str>, u64>,
+    uuids: Sharded<u128, u64>,
+    shared: Arc<HashMap<Key, Vec<u64>>>,
 }
 
 impl Index {
@@ -256,7 +320,6 @@ impl Index {
         self.macs.shrink_to_fit();
         self.serials.shrink_to_fit();
         self.uuids.shrink_to_fit();
-        self.shared.shrink_to_fit();
     }
 
     fn single(&self, key: &Key) -> Option<&u64> {
@@ -277,19 +340,13 @@ impl Index {
 
     fn put_single(&mut self, key: Key, id: u64) {
         match key {
-            Key::Mac(m) => {
-                self.macs.insert(m, id);
-            }
-            Key::Serial(s) => {
-                self.serials.insert(s.into_boxed_str(), id);
-            }
+            Key::Mac(m) => self.macs.insert(m, id),
+            Key::Serial(s) => self.serials.insert(s.into_boxed_str(), id),
             Key::Uuid(u) => match uuid_bits(&u) {
-                Some(b) => {
-                    self.uuids.insert(b, id);
-                }
+                Some(b) => self.uuids.insert(b, id),
                 // Not a canonical UUID (never produced by `uuid_key`).
                 None => {
-                    self.shared.insert(Key::Uuid(u), vec![id]);
+                    Arc::make_mut(&mut self.shared).insert(Key::Uuid(u), vec![id]);
                 }
             },
         }
@@ -303,7 +360,10 @@ impl Index {
     }
 
     fn add(&mut self, key: Key, id: u64) {
-        if let Some(ids) = self.shared.get_mut(&key) {
+        if self.shared.contains_key(&key) {
+            let ids = Arc::make_mut(&mut self.shared)
+                .get_mut(&key)
+                .expect("just found");
             if !ids.contains(&id) {
                 ids.push(id);
             }
@@ -311,22 +371,24 @@ impl Index {
         }
         match self.take_single(&key) {
             Some(other) if other != id => {
-                self.shared.insert(key, vec![other, id]);
+                Arc::make_mut(&mut self.shared).insert(key, vec![other, id]);
             }
             _ => self.put_single(key, id),
         }
     }
 
     fn remove(&mut self, key: &Key, id: u64) {
-        if let Some(ids) = self.shared.get_mut(key) {
+        if self.shared.contains_key(key) {
+            let shared = Arc::make_mut(&mut self.shared);
+            let ids = shared.get_mut(key).expect("just found");
             ids.retain(|x| *x != id);
             match ids.as_slice() {
                 [] => {
-                    self.shared.remove(key);
+                    shared.remove(key);
                 }
                 [last] => {
                     let last = *last;
-                    self.shared.remove(key);
+                    shared.remove(key);
                     self.put_single(key.clone(), last);
                 }
                 _ => {}
@@ -352,8 +414,8 @@ impl Index {
 #[derive(Debug, Clone, Default)]
 pub struct Database {
     entries: Entries,
-    by_id: Arc<HashMap<u64, usize>>,
-    index: Arc<Index>,
+    by_id: Sharded<u64, usize>,
+    index: Index,
     /// The highest id in use (0 when empty), so `next_id` is O(1).
     max_id: u64,
     placeholders: Arc<Placeholders>,
@@ -396,14 +458,15 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut entries = Entries::default();
-        let mut by_id = HashMap::new();
+        let mut by_id = Sharded::default();
         let mut index = Index::default();
         while let Some(host) = seq.next_element::<Host>()? {
             let i = entries.len();
-            if let Some(first) = by_id.insert(host.id, i) {
+            if let Some(&first) = by_id.get(&host.id) {
                 *self.duplicate = Some((host.id, first, i));
                 return Err(serde::de::Error::custom("duplicate host id"));
             }
+            by_id.insert(host.id, i);
             for key in keys_of(&host, &self.db.placeholders) {
                 index.add(key, host.id);
             }
@@ -413,8 +476,8 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
         by_id.shrink_to_fit();
         index.shrink_to_fit();
         self.db.entries = entries;
-        self.db.by_id = Arc::new(by_id);
-        self.db.index = Arc::new(index);
+        self.db.by_id = by_id;
+        self.db.index = index;
         Ok(())
     }
 }
@@ -514,7 +577,7 @@ impl Database {
 
     /// Whether a host with this id exists (without parsing it).
     pub fn contains(&self, id: u64) -> bool {
-        self.by_id.contains_key(&id)
+        self.by_id.get(&id).is_some()
     }
 
     fn entry(&self, id: u64) -> Option<&Entry> {
@@ -557,17 +620,16 @@ impl Database {
 
     /// Adds a host; its id must be unused.
     pub fn insert(&mut self, host: Host) -> Result<(), String> {
-        if self.by_id.contains_key(&host.id) {
+        if self.by_id.get(&host.id).is_some() {
             return Err(format!("host id {} is already in use", host.id));
         }
         let i = self.entries.len();
         let id = host.id;
-        let index = Arc::make_mut(&mut self.index);
         for key in keys_of(&host, &self.placeholders) {
-            index.add(key, id);
+            self.index.add(key, id);
         }
         self.entries.push(Entry::new(&host));
-        Arc::make_mut(&mut self.by_id).insert(id, i);
+        self.by_id.insert(id, i);
         self.max_id = self.max_id.max(id);
         self.changed = true;
         Ok(())
@@ -585,12 +647,11 @@ impl Database {
             let old_keys = keys_of(&before, &self.placeholders);
             let new_keys = keys_of(&host, &self.placeholders);
             if old_keys != new_keys {
-                let index = Arc::make_mut(&mut self.index);
                 for k in &old_keys {
-                    index.remove(k, id);
+                    self.index.remove(k, id);
                 }
                 for k in new_keys {
-                    index.add(k, id);
+                    self.index.add(k, id);
                 }
             }
             self.entries.set(i, Entry::new(&host));
@@ -632,14 +693,12 @@ impl Database {
     pub fn remove(&mut self, id: u64) -> Option<Host> {
         let i = *self.by_id.get(&id)?;
         let host = self.entries.get(i).host();
-        let index = Arc::make_mut(&mut self.index);
         for k in keys_of(&host, &self.placeholders) {
-            index.remove(&k, id);
+            self.index.remove(&k, id);
         }
         self.entries.remove(i);
-        let by_id = Arc::make_mut(&mut self.by_id);
-        by_id.remove(&id);
-        for pos in by_id.values_mut() {
+        self.by_id.remove(&id);
+        for pos in self.by_id.values_mut() {
             if *pos > i {
                 *pos -= 1;
             }
