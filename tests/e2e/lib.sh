@@ -143,7 +143,7 @@ proxy_dhcp_up() {
     # and each interface answers ARP for its own address only
     ip -n "$ns" addr add "$SITE_IP/24" dev site0 noprefixroute
     ip -n "$ns" link set site0 up
-    ip netns exec "$ns" sysctl -qw net.ipv4.conf.site0.arp_ignore=1 net.ipv4.conf.br0.arp_ignore=1
+    ip netns exec "$ns" sh -c 'for i in site0 br0; do echo 1 >/proc/sys/net/ipv4/conf/$i/arp_ignore; done'
     cat >"$run/dnsmasq-site.conf" <<EOF
 # the site's DHCP server: addresses only, no boot information
 interface=site0
