@@ -425,11 +425,16 @@ fn dnsmasq_full_and_proxy_configs_pass_dnsmasq_syntax_check() {
     }
     // iPXE gets the bootstrap URL, the same as in the full-DHCP variant,
     // short enough for the 128-byte BOOTP file field (with its NUL).
+    // The proxy also names the server as next server (the last field):
+    // iPXE ignores a ProxyDHCP boot file without one.
     let url_of = |lines: &[String]| -> String {
         lines
             .iter()
             .find_map(|l| l.strip_prefix("dhcp-boot=tag:ipxe,"))
             .expect("a dhcp-boot for iPXE")
+            .split(',')
+            .next()
+            .unwrap()
             .to_string()
     };
     let url = url_of(&proxy);
