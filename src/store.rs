@@ -667,6 +667,21 @@ impl Inner {
         replaced
     }
 
+    /// Gives a file this store creates (the new database, the lock file,
+    /// the journal) the owner of the database, else of its directory, so
+    /// that `kiwispray-hosts` run as root does not leave files the service's
+    /// own user cannot write. Only root can change owners; for anyone else
+    /// the files are theirs already or stay as they are.
+    fn keep_owner(&self, f: &File) {
+        let (dir, _) = self.dir_and_name();
+        let like = fs::metadata(&self.path).or_else(|_| fs::metadata(&dir));
+        if let (Ok(like), Ok(have)) = (like, f.metadata()) {
+            if (have.uid(), have.gid()) != (like.uid(), like.gid()) {
+                let _ = std::os::unix::fs::fchown(f, Some(like.uid()), Some(like.gid()));
+            }
+        }
+    }
+
     /// Runs the changes and saves the result. `replaced` receives the file
     /// that was replaced, still open, for the caller to close.
     fn commit(&self, runs: Vec<Run>, replaced: &mut Option<File>) -> Result<(), StoreError> {
@@ -677,6 +692,7 @@ impl Inner {
             .write(true)
             .open(&self.lock_path)
             .map_err(|e| io_error("create lock file", &self.lock_path, e))?;
+        self.keep_owner(&lock_file);
         lock_file
             .lock_exclusive()
             .map_err(|e| io_error("lock", &self.lock_path, e))?;
@@ -712,7 +728,10 @@ impl Inner {
                 .create(true)
                 .open(&self.journal_path)
             {
-                Ok(f) => Some(f),
+                Ok(f) => {
+                    self.keep_owner(&f);
+                    Some(f)
+                }
                 Err(e) => {
                     eprintln!(
                         "kiwispray: cannot open the bootid journal {}: {e}; saving the whole database",
@@ -870,6 +889,7 @@ impl Inner {
             if let Ok(old) = fs::metadata(&self.path) {
                 f.set_permissions(fs::Permissions::from_mode(old.permissions().mode()))?;
             }
+            self.keep_owner(&f);
             let mut w = io::BufWriter::with_capacity(256 * 1024, f);
             db.write_json(&mut w)?;
             let f = w.into_inner().map_err(|e| e.into_error())?;
@@ -1334,6 +1354,48 @@ mod tests {
                 assert_eq!(on_disk.get(t + 1).unwrap().hostname, h.hostname);
             }
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found in review: `kiwispray-hosts` run as root replaced the database
+    /// with a root-owned file, and created the lock file and journal as
+    /// root, so the service's own user could no longer save anything.
+    #[test]
+    fn regression_files_keep_the_database_owner_when_root_writes() {
+        let dir = temp_root("owner");
+        let s = store(&dir);
+        s.modify(|t| t.db.insert(Host::new(1, &[], "", "", "img")))
+            .unwrap()
+            .unwrap();
+        let path = dir.join("known_hosts.json");
+        let (uid, gid) = (65534, 65534);
+        let me = fs::metadata(&dir).unwrap().uid();
+        if std::os::unix::fs::chown(&path, Some(uid), Some(gid)).is_err() {
+            eprintln!("SKIPPED: changing owners needs root (running as uid {me})");
+            fs::remove_dir_all(&dir).unwrap();
+            return;
+        }
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+        let _ = fs::remove_file(dir.join(".known_hosts.json.lock"));
+        // A bootid goes to the journal, a state change rewrites the file.
+        s.modify(|t| t.db.set_bootid(1, Some("b1".into()))).unwrap();
+        s.modify(|t| t.db.update(1, |h| h.state = "finished".into()))
+            .unwrap();
+        for name in ["known_hosts.json", ".known_hosts.json.lock"] {
+            let m = fs::metadata(dir.join(name)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (uid, gid), "{name}");
+        }
+        let fresh = store(&dir);
+        s.modify(|t| t.db.set_bootid(1, Some("b2".into()))).unwrap();
+        let journal = dir.join(".known_hosts.json.bootids");
+        if journal.exists() {
+            let m = fs::metadata(&journal).unwrap();
+            assert_eq!((m.uid(), m.gid()), (uid, gid), "journal");
+        }
+        assert_eq!(
+            fresh.snapshot().unwrap().get(1).unwrap().bootid.as_deref(),
+            Some("b2")
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }
