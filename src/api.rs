@@ -223,6 +223,14 @@ fn parse_id(params: &Params) -> Result<u64, String> {
         .map_err(|_| format!("id {raw:?} is out of range"))
 }
 
+/// The `id` and `bootid` of `/post-install`, `/finish` and `/update`; the
+/// bootid may be empty here, which `check_installing` reports.
+fn id_and_bootid(params: &Params) -> Result<(u64, String), Response> {
+    let id = parse_id(params).map_err(|e| Response::error(400, e))?;
+    let bootid = params.one("bootid").map_err(|e| Response::error(400, e))?;
+    Ok((id, bootid.unwrap_or("").to_string()))
+}
+
 fn shorten(s: &str) -> String {
     if s.chars().count() > 40 {
         format!("{}…", s.chars().take(40).collect::<String>())
@@ -511,21 +519,15 @@ impl Service {
         Value::Object(ctx)
     }
 
-    /// Checks `id` and `bootid` against a host that is being installed.
-    fn installing_host(db: &Database, params: &Params) -> Result<(Host, String), Response> {
-        let id = parse_id(params).map_err(|e| Response::error(400, e))?;
-        let bootid = params
-            .one("bootid")
-            .map_err(|e| Response::error(400, e))?
-            .unwrap_or("")
-            .to_string();
-        let host = check_installing(db, id, &bootid)?;
-        Ok((host, bootid))
+    /// The host that `id` and `bootid` name, if it is being installed.
+    fn installing_host(db: &Database, params: &Params) -> Result<Host, Response> {
+        let (id, bootid) = id_and_bootid(params)?;
+        check_installing(db, id, &bootid)
     }
 
     fn post_install(&self, req: &Request, params: &Params) -> Result<Response, Response> {
         let db = self.snapshot()?;
-        let (host, _) = Self::installing_host(&db, params)?;
+        let host = Self::installing_host(&db, params)?;
         self.post_install_script(req, &host).inspect_err(|r| {
             if r.status == 500 {
                 log(&format!(
@@ -577,12 +579,7 @@ impl Service {
     }
 
     fn finish(&self, req: &Request, params: &Params) -> Result<Response, Response> {
-        let id = parse_id(params).map_err(|e| Response::error(400, e))?;
-        let bootid = params
-            .one("bootid")
-            .map_err(|e| Response::error(400, e))?
-            .unwrap_or("")
-            .to_string();
+        let (id, bootid) = id_and_bootid(params)?;
         // Check on the cached copy first, so that bad requests never queue
         // behind writers; the check is repeated under the lock.
         check_installing(&*self.snapshot()?, id, &bootid)?;
@@ -667,13 +664,8 @@ impl Service {
                 }
             }
         }
-        let id = parse_id(params).map_err(|e| Response::error(400, e))?;
-        let bootid = params
-            .one("bootid")
-            .map_err(|e| Response::error(400, e))?
-            .unwrap_or("")
-            .to_string();
-        let check = move |db: &Database| -> Result<(), Response> {
+        let (id, bootid) = id_and_bootid(params)?;
+        let check = move |db: &Database, macs: &[Mac]| -> Result<(), Response> {
             let host = check_installing(db, id, &bootid)?;
             if host.current_state() != STATE_DISCOVER {
                 return Err(Response::error(
@@ -684,7 +676,7 @@ impl Service {
                     ),
                 ));
             }
-            for m in &macs {
+            for m in macs {
                 if let Some(other) = db
                     .lookup(&crate::hosts::Key::Mac(*m))
                     .iter()
@@ -698,18 +690,19 @@ impl Service {
             }
             Ok(())
         };
-        check(&*self.snapshot()?)?;
+        // Checked on the cached copy first, so that bad requests never
+        // queue behind writers; the check is repeated under the lock.
+        check(&*self.snapshot()?, &macs)?;
         let remote = req.remote.clone();
-        let macs_to_add: Vec<Mac> = form.all("mac").filter_map(|m| Mac::parse(m).ok()).collect();
         let result = self
             .store
             .modify(move |txn| -> Result<String, Response> {
-                check(&txn.db)?;
+                check(&txn.db, &macs)?;
                 let state = txn
                     .db
                     .update(id, |h| {
                         let mut list = h.mac_list();
-                        for m in macs_to_add {
+                        for m in macs {
                             if !list.contains(&m) {
                                 list.push(m);
                             }
