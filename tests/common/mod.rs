@@ -643,15 +643,7 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Percent-encodes a query value (everything but unreserved characters).
 pub fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    kiwispray::render::percent_encode(s)
 }
 
 /// A distinct, valid, locally administered MAC for machine `n`, NIC `nic`,
