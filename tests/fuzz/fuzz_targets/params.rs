@@ -1,0 +1,39 @@
+//! Query and form parsing (`Params::parse`) on arbitrary bytes: never a
+//! panic; whatever is accepted is bounded, free of control characters (tab
+//! aside) and, encoded again, parses to the same pairs.
+#![no_main]
+
+use kiwispray::api::{Params, MAX_PARAMS};
+use kiwispray::render::percent_encode;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(p) = Params::parse(data, "query") else {
+        return;
+    };
+    assert!(p.0.len() <= MAX_PARAMS);
+    for (k, v) in &p.0 {
+        for s in [k, v] {
+            // A `String` is valid UTF-8 by construction; check the bytes
+            // anyway, in case the parser ever builds one unchecked.
+            assert!(std::str::from_utf8(s.as_bytes()).is_ok());
+            assert!(
+                !s.chars().any(|c| c.is_control() && c != '\t'),
+                "control character accepted: {s:?}"
+            );
+        }
+    }
+    let again: Vec<String> =
+        p.0.iter()
+            .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+            .collect();
+    let q = Params::parse(again.join("&").as_bytes(), "query")
+        .unwrap_or_else(|e| panic!("re-encoded parameters do not parse: {e}"));
+    let nonempty = |p: &Params| -> Vec<(String, String)> {
+        p.0.iter()
+            .filter(|(k, v)| !(k.is_empty() && v.is_empty()))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(nonempty(&p), nonempty(&q));
+});
