@@ -72,7 +72,39 @@ test-e2e: deps-test build
 test-bench-smoke: deps-test build
 	./tests/bench/run.sh --smoke
 
-test: lint test-unit test-bench-smoke test-e2e
+# Coverage-guided fuzzing (cargo fuzz, libFuzzer) of query and form
+# parsing, MAC/serial/UUID normalisation, templates and database loading:
+# the crate in tests/fuzz. cargo fuzz needs nightly flags, which
+# RUSTC_BOOTSTRAP=1 allows on the stable toolchain. Each run grows a scratch
+# corpus in tests/fuzz/scratch/<target> (the committed seeds in
+# tests/fuzz/corpus are only read) and leaves its log and any crashing input
+# in tests/fuzz/artifacts/<target>/. `make fuzz FUZZ_TIME=3600` runs longer.
+.PHONY: fuzz-smoke fuzz
+FUZZ_TARGETS = params identity template database
+FUZZ_TIME ?= 300
+FUZZ_CARGO = RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+# $(1): seconds per target.
+define fuzz_run
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || { echo "installing cargo-fuzz"; $(CARGO) install cargo-fuzz --locked; }
+	$(CARGO) metadata --locked --format-version 1 --manifest-path tests/fuzz/Cargo.toml >/dev/null
+	$(FUZZ_CARGO) build --fuzz-dir tests/fuzz
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p tests/fuzz/scratch/$$t tests/fuzz/artifacts/$$t; log=tests/fuzz/artifacts/$$t/run.log; \
+		echo "fuzzing $$t for $(1) s (log: $$log)"; \
+		if $(FUZZ_CARGO) run --fuzz-dir tests/fuzz $$t tests/fuzz/scratch/$$t tests/fuzz/corpus/$$t -- \
+			-max_total_time=$(1) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >$$log 2>&1; then \
+			grep -E '^Done [0-9]+ runs' $$log || tail -n 3 $$log; \
+		else tail -n 60 $$log; echo "fuzz target $$t failed; the input is in tests/fuzz/artifacts/$$t/" >&2; exit 1; fi; \
+	done
+endef
+
+fuzz-smoke: deps-build
+	$(call fuzz_run,15)
+
+fuzz: deps-build
+	$(call fuzz_run,$(FUZZ_TIME))
+
+test: lint test-unit fuzz-smoke test-bench-smoke test-e2e
 
 bench: deps-bench build
 	./tests/bench/run.sh
