@@ -119,6 +119,7 @@ man: deps-build
 
 clean:
 	$(CARGO) clean
+	rm -rf tests/fuzz/target tests/fuzz/artifacts tests/fuzz/scratch
 
 # Install layout (FHS). `make install DESTDIR=... PREFIX=...` is what the
 # RPM's %install runs; by hand, `make build && sudo make install` (PREFIX
