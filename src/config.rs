@@ -8,12 +8,22 @@
 //!   "placeholder_serials": ["ACME-0000"],
 //!   "placeholder_uuids": [],
 //!   "server": "192.168.100.1:5000",
-//!   "max_connections": 128
+//!   "max_connections": 128,
+//!   "max_install_boots": 3,
+//!   "install_deadline_minutes": 60,
+//!   "hold_overdue": false
 //! }
 //! ```
 //!
 //! Placeholder lists extend the built-in ones. `server` is what
 //! `kiwispray-hosts render` uses for `@SERVER_IP@:@SERVER_PORT@`.
+//! `max_install_boots` and `install_deadline_minutes` drive the install
+//! safety of [`crate::lifecycle::install_decision`]; an image may set its own
+//! deadline in `images/<state>/image.json` (`{"install_deadline_minutes": 90}`).
+//!
+//! This is also the one place where a state name becomes a path
+//! ([`Config::image_dir`] and the template lists built on it): every caller,
+//! HTTP or CLI, gets the same refusal for an unsafe name.
 
 use crate::identity::{Placeholders, DEFAULT_PLACEHOLDER_SERIALS, DEFAULT_PLACEHOLDER_UUIDS};
 use crate::store::Store;
@@ -46,6 +56,12 @@ struct FileSettings {
     #[serde(default)]
     max_connections: Option<usize>,
     #[serde(default)]
+    max_install_boots: Option<u32>,
+    #[serde(default)]
+    install_deadline_minutes: Option<u64>,
+    #[serde(default)]
+    hold_overdue: bool,
+    #[serde(default)]
     database: Option<PathBuf>,
     #[serde(default)]
     event_log: Option<PathBuf>,
@@ -62,6 +78,26 @@ pub struct Config {
     pub placeholder_uuids: Vec<String>,
     pub server: Option<String>,
     pub max_connections: usize,
+    /// Install boots of one state element without a `/finish` after which
+    /// a host is held (cause `loop`).
+    pub max_install_boots: u32,
+    /// Minutes after which an open install attempt is overdue.
+    pub install_deadline_minutes: u64,
+    /// Whether an overdue host's next boot holds it.
+    pub hold_overdue: bool,
+}
+
+/// Install boots without a `/finish` before a host is held, unless set.
+pub const DEFAULT_MAX_INSTALL_BOOTS: u32 = 3;
+/// Minutes an install may take before it is overdue, unless set.
+pub const DEFAULT_INSTALL_DEADLINE_MINUTES: u64 = 60;
+
+/// What an image directory may say about itself (`images/<state>/image.json`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSettings {
+    #[serde(default)]
+    pub install_deadline_minutes: Option<u64>,
 }
 
 impl Config {
@@ -99,6 +135,27 @@ impl Config {
                 .max_connections
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS)
                 .clamp(1, 4096),
+            max_install_boots: match settings.max_install_boots {
+                Some(0) => {
+                    return Err(format!(
+                        "config {}: max_install_boots must be at least 1",
+                        path.as_deref().unwrap_or(Path::new(CONFIG_FILE)).display()
+                    ))
+                }
+                Some(n) => n,
+                None => DEFAULT_MAX_INSTALL_BOOTS,
+            },
+            install_deadline_minutes: match settings.install_deadline_minutes {
+                Some(0) => {
+                    return Err(format!(
+                        "config {}: install_deadline_minutes must be at least 1",
+                        path.as_deref().unwrap_or(Path::new(CONFIG_FILE)).display()
+                    ))
+                }
+                Some(n) => n,
+                None => DEFAULT_INSTALL_DEADLINE_MINUTES,
+            },
+            hold_overdue: settings.hold_overdue,
         })
     }
 
@@ -131,5 +188,51 @@ impl Config {
 
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")
+    }
+
+    /// The directory of an image state, `images/<state>`. The one place a
+    /// state becomes a path: a name that is not one safe path component
+    /// (`../../etc`, `a/b`, `/abs`) is refused.
+    pub fn image_dir(&self, state: &str) -> Result<PathBuf, String> {
+        crate::lifecycle::check_state_name(state)?;
+        Ok(self.images_dir().join(state))
+    }
+
+    /// The templates that can give the boot script of an image state, in
+    /// the order they are tried.
+    pub fn install_templates(&self, state: &str) -> Result<Vec<PathBuf>, String> {
+        let dir = self.image_dir(state)?;
+        let tdir = self.templates_dir();
+        Ok(vec![
+            dir.join("host.tmpl"),
+            tdir.join(format!("{state}.tmpl")),
+            tdir.join("known_host.tmpl"),
+        ])
+    }
+
+    /// The templates that can give the post-install script of a state, in
+    /// the order they are tried.
+    pub fn post_install_templates(&self, state: &str) -> Result<Vec<PathBuf>, String> {
+        Ok(vec![
+            self.image_dir(state)?.join("post_install.tmpl"),
+            self.templates_dir().join("post_install.tmpl"),
+        ])
+    }
+
+    /// The install deadline of an image state in minutes: its own from
+    /// `images/<state>/image.json`, else the deployment's.
+    pub fn deadline_minutes(&self, state: &str) -> Result<u64, String> {
+        let path = self.image_dir(state)?.join("image.json");
+        match std::fs::read(&path) {
+            Ok(text) => {
+                let s: ImageSettings = serde_json::from_slice(&text)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(s.install_deadline_minutes
+                    .filter(|m| *m > 0)
+                    .unwrap_or(self.install_deadline_minutes))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.install_deadline_minutes),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
     }
 }

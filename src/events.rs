@@ -19,11 +19,17 @@ pub struct Event {
     pub from: String,
     /// The state chain after.
     pub to: String,
-    /// What caused it: `register`, `install-boot`, `finish`, `update`, `cli`, ...
+    /// What caused it: `register`, `install-boot`, `finish`, `fail`,
+    /// `hold`, `release`, `overdue`, `update`, `cli`, ...
     pub cause: String,
     /// The address of the machine or web client that caused it, if known.
     #[serde(default)]
     pub remote: String,
+    /// What else there is to say, in one line: the attempt and image of an
+    /// install boot, the outcome and duration of a finish, the reason of a
+    /// failure or hold. Never a secret.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 impl Event {
@@ -35,7 +41,14 @@ impl Event {
             to: to.to_string(),
             cause: cause.to_string(),
             remote: remote.to_string(),
+            detail: String::new(),
         }
+    }
+
+    /// The event with a detail line.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Event {
+        self.detail = detail.into();
+        self
     }
 }
 
@@ -82,7 +95,12 @@ pub fn read(path: &Path, host: Option<u64>) -> io::Result<(Vec<Event>, usize)> {
 
 /// Formats a time as RFC 3339 in UTC with whole seconds.
 pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    rfc3339_secs(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+/// Unix seconds as UTC in RFC 3339.
+pub fn rfc3339_secs(secs: u64) -> String {
+    let secs = secs.min(i64::MAX as u64) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
     format!(

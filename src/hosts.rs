@@ -9,9 +9,11 @@
 //! takes about as much memory as its file.
 //!
 //! The file is the seed tool's format: a JSON array of objects with the
-//! fields `id`, `macs`, `serial`, `uuid`, `hostname`, `state`, `metadata` and
-//! `bootid`. Fields this version does not know are kept and written back.
-//! Keys are written sorted and pretty-printed, so the file diffs well.
+//! fields `id`, `macs`, `serial`, `uuid`, `hostname`, `state` and
+//! `metadata`. Fields this version does not know are kept and written back.
+//! Keys are written sorted and pretty-printed, so the file diffs well. What
+//! the service observes about a host (bootid, attempts, last seen, hold) is
+//! not configuration and lives in [`crate::runtime`].
 
 use crate::identity::{parse_mac_list, Mac, Placeholders};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -47,8 +49,6 @@ pub struct Host {
     pub state: String,
     #[serde(default, deserialize_with = "de_metadata")]
     pub metadata: Map<String, Value>,
-    #[serde(default)]
-    pub bootid: Option<String>,
     /// Fields written by other tools; kept as they are.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -102,7 +102,6 @@ impl Host {
             hostname: HOSTNAME_NOT_SET.to_string(),
             state: state.to_string(),
             metadata: Map::new(),
-            bootid: None,
             extra: Map::new(),
         }
     }
@@ -406,11 +405,6 @@ impl Index {
 /// them, and each host's JSON is shared until that host is changed. A write
 /// that changes one host therefore copies one chunk of 64 pointers and the
 /// list of chunks, not the hosts or the indexes.
-///
-/// Changes are of two kinds, which the store saves differently: a new
-/// bootid set through [`Database::set_bootid`] (the frequent write while
-/// machines install, appended to a journal) and every other change (which
-/// rewrites the file).
 #[derive(Debug, Clone, Default)]
 pub struct Database {
     entries: Entries,
@@ -419,10 +413,10 @@ pub struct Database {
     /// The highest id in use (0 when empty), so `next_id` is O(1).
     max_id: u64,
     placeholders: Arc<Placeholders>,
-    /// Whether anything besides bootids changed.
+    /// Whether anything changed since loading or [`Self::clear_changed`].
     changed: bool,
-    /// Bootids set through `set_bootid`, in order.
-    bootids: Vec<(u64, Option<String>)>,
+    /// Hosts whose JSON still has the `bootid` field of earlier versions.
+    legacy_bootids: usize,
 }
 
 /// Why a JSON document is not a host database.
@@ -471,6 +465,9 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
                 index.add(key, host.id);
             }
             self.db.max_id = self.db.max_id.max(host.id);
+            if host.extra.contains_key("bootid") {
+                self.db.legacy_bootids += 1;
+            }
             entries.push(Entry::new(&host));
         }
         by_id.shrink_to_fit();
@@ -595,27 +592,20 @@ impl Database {
     }
 
     /// Whether anything was changed since the database was loaded (or
-    /// since [`Self::clear_changed`]), bootids included.
+    /// since [`Self::clear_changed`]).
     pub fn is_changed(&self) -> bool {
-        self.changed || !self.bootids.is_empty()
-    }
-
-    /// Whether something besides bootids changed, so that the file must be
-    /// rewritten.
-    pub fn needs_rewrite(&self) -> bool {
         self.changed
-    }
-
-    /// The bootids set through [`Self::set_bootid`] since the last
-    /// [`Self::clear_changed`], oldest first.
-    pub fn bootid_changes(&self) -> &[(u64, Option<String>)] {
-        &self.bootids
     }
 
     /// Forgets earlier changes, e.g. once they are saved.
     pub fn clear_changed(&mut self) {
         self.changed = false;
-        self.bootids.clear();
+    }
+
+    /// How many hosts, when loaded, still had the `bootid` field of earlier
+    /// versions (see [`crate::store::Store::migrate`]).
+    pub fn legacy_bootids(&self) -> usize {
+        self.legacy_bootids
     }
 
     /// Adds a host; its id must be unused.
@@ -658,35 +648,6 @@ impl Database {
             self.changed = true;
         }
         Some(result)
-    }
-
-    /// Sets or clears one host's bootid, and nothing else. Returns `false`
-    /// if there is no such host. Unlike a change through [`Self::update`],
-    /// this is recorded as a bootid-only change, which the store appends to
-    /// its journal instead of rewriting the file.
-    pub fn set_bootid(&mut self, id: u64, bootid: Option<String>) -> bool {
-        match self.replace_bootid(id, bootid.clone()) {
-            None => false,
-            Some(false) => true,
-            Some(true) => {
-                self.bootids.push((id, bootid));
-                true
-            }
-        }
-    }
-
-    /// Sets a bootid read back from the journal: the host changes, but
-    /// nothing is marked to be saved. `None` if there is no such host,
-    /// else whether the bootid differed.
-    pub(crate) fn replace_bootid(&mut self, id: u64, bootid: Option<String>) -> Option<bool> {
-        let i = *self.by_id.get(&id)?;
-        let mut host = self.entries.get(i).host();
-        if host.bootid == bootid {
-            return Some(false);
-        }
-        host.bootid = bootid;
-        self.entries.set(i, Entry::new(&host));
-        Some(true)
     }
 
     /// Removes a host and returns it.
@@ -799,16 +760,16 @@ mod tests {
     fn seed_database_round_trips_with_unknown_fields() {
         let text = r#"[{"id": 3, "macs": "52:54:00:00:00:01", "serial": "S1", "uuid": "",
             "hostname": "a", "state": "finished", "metadata": {"z": 1, "a": {"b": "c"}},
-            "bootid": null, "rack": "R7"}]"#;
+            "aaa": null, "rack": "R7"}]"#;
         let d = db(text);
         let out = d.to_json();
         let again = db(&out);
         assert_eq!(again.get(3).unwrap(), d.get(3).unwrap());
         assert_eq!(again.get(3).unwrap().extra["rack"], "R7");
-        let bootid = out.find("\"bootid\"").unwrap();
+        let aaa = out.find("\"aaa\"").unwrap();
         let hostname = out.find("\"hostname\"").unwrap();
         let rack = out.find("\"rack\"").unwrap();
-        assert!(bootid < hostname && hostname < rack, "keys sorted:\n{out}");
+        assert!(aaa < hostname && hostname < rack, "keys sorted:\n{out}");
         let parsed: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(parsed[0]["metadata"]["a"]["b"], "c");
     }
@@ -855,20 +816,11 @@ mod tests {
     }
 
     #[test]
-    fn bootid_changes_are_told_apart_from_other_changes() {
-        let mut d = db(r#"[{"id": 1, "macs": "52:54:00:00:00:01", "state": "image1"}]"#);
-        assert!(d.set_bootid(1, Some("b1".into())));
-        assert!(!d.set_bootid(2, Some("b2".into())), "no host 2");
-        assert!(d.is_changed() && !d.needs_rewrite());
-        assert_eq!(d.bootid_changes(), &[(1, Some("b1".to_string()))]);
-        assert_eq!(d.get(1).unwrap().bootid.as_deref(), Some("b1"));
+    fn an_earlier_versions_bootid_field_is_counted_and_kept_until_moved() {
+        let d = db(r#"[{"id": 1, "state": "image1", "bootid": "b1"}, {"id": 2}]"#);
+        assert_eq!(d.legacy_bootids(), 1);
+        assert_eq!(d.get(1).unwrap().extra["bootid"], "b1");
         assert!(d.to_json().contains("\"bootid\": \"b1\""));
-        // Setting the same bootid again is no change.
-        d.clear_changed();
-        assert!(d.set_bootid(1, Some("b1".into())));
-        assert!(!d.is_changed());
-        d.update(1, |h| h.bootid = None);
-        assert!(d.needs_rewrite() && d.bootid_changes().is_empty());
     }
 
     #[test]

@@ -1123,6 +1123,23 @@ pub fn import_live_iso(
     })
 }
 
+/// The digest of the image in an imported image directory, as
+/// `<algorithm>:<hex>` from its checksum file (`None` if the directory holds
+/// no recognisable build or checksum). Read at each install boot, so that
+/// every attempt records what it installed.
+pub fn image_digest(dir: &Path) -> Option<String> {
+    let names: Vec<String> = fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let build = Build::detect(&names).ok()?;
+    let text = fs::read_to_string(dir.join(&build.checksum)).ok()?;
+    let sum = Checksum::parse(&build.checksum, &text).ok()?;
+    let algorithm = build.checksum.rsplit('.').next().unwrap_or("");
+    Some(format!("{algorithm}:{}", sum.digest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

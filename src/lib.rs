@@ -5,6 +5,8 @@
 //!
 //! - [`identity`]: MACs, serials and UUIDs a machine is recognised by;
 //! - [`hosts`]: the host database in memory and its file format;
+//! - [`runtime`]: what the service observed about each host (bootid,
+//!   install attempts, last seen, hold), changed only by patches;
 //! - [`store`]: the locked, atomic load/save path shared by handler and CLI;
 //! - [`events`]: the append-only event log;
 //! - [`lifecycle`]: what a machine boots next, as pure functions;
@@ -23,4 +25,5 @@ pub mod identity;
 pub mod images;
 pub mod lifecycle;
 pub mod render;
+pub mod runtime;
 pub mod store;

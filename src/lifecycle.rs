@@ -7,9 +7,14 @@
 //! state: the machine boots the installer for that image. A state may be a
 //! comma-separated chain such as `wipe,image1`; its first element is the
 //! current state and `/finish` drops it.
+//!
+//! Install safety is decided here too: before an install boot starts a new
+//! attempt, [`install_decision`] holds a host that loops through the
+//! installer or whose install ran past its deadline.
 
 use crate::hosts::{Database, Host, Key, STATE_DISCOVER, STATE_FINISHED, STATE_NEW};
 use crate::identity::Mac;
+use crate::runtime::{human_duration, HoldCause, HostRuntime};
 
 /// What a booting machine reports about itself.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -171,10 +176,59 @@ pub fn initial_state(discover: bool) -> String {
     }
 }
 
-/// Whether a host is between an install boot and its `/finish`.
-pub fn installing(host: &Host) -> bool {
+/// Whether a host is between an install boot and its `/finish`: in an
+/// image state, with a bootid that is not used up.
+pub fn installing(host: &Host, rt: &HostRuntime) -> bool {
     matches!(next_boot(&host.state), NextBoot::Install(_))
-        && host.bootid.as_deref().is_some_and(|b| !b.is_empty())
+        && rt.bootid.as_deref().is_some_and(|b| !b.is_empty())
+}
+
+/// What an install boot of `state` does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InstallDecision {
+    /// Start a new attempt with a fresh bootid.
+    Start,
+    /// Start nothing; hold the host for this reason.
+    Hold(HoldCause, String),
+}
+
+/// The install-safety rules, applied when a host in image state `state`
+/// boots: a host whose open attempt is overdue is held when `hold_overdue`
+/// is set, and one that already started `max_boots` attempts of `state`
+/// without a `/finish` is held as a loop.
+pub fn install_decision(
+    rt: &HostRuntime,
+    state: &str,
+    now: u64,
+    max_boots: u32,
+    hold_overdue: bool,
+) -> InstallDecision {
+    if hold_overdue {
+        if let Some(a) = rt
+            .open_attempt()
+            .filter(|a| a.state == state && a.is_overdue(now))
+        {
+            return InstallDecision::Hold(
+                HoldCause::Overdue,
+                format!(
+                    "install {} of {state} has run {}, past its deadline of {} min",
+                    a.n,
+                    human_duration(a.elapsed(now)),
+                    a.deadline_minutes
+                ),
+            );
+        }
+    }
+    let run = rt.unfinished_run(state);
+    if run >= max_boots as usize {
+        return InstallDecision::Hold(
+            HoldCause::Loop,
+            format!(
+                "{run} install boots of {state} in a row without /finish (max_install_boots {max_boots})"
+            ),
+        );
+    }
+    InstallDecision::Start
 }
 
 /// Compares a presented bootid with the stored one in constant time.
@@ -284,6 +338,47 @@ mod tests {
         assert_eq!(initial_state(true), "discover,new");
         assert!(check_chain("wipe,image1").is_ok());
         assert!(check_chain("wipe,../x").is_err());
+    }
+
+    #[test]
+    fn the_boot_after_max_install_boots_is_held_as_a_loop() {
+        let mut rt = HostRuntime::default();
+        for n in 0..3 {
+            assert_eq!(
+                install_decision(&rt, "img", n, 3, false),
+                InstallDecision::Start
+            );
+            rt.start_attempt(n, "img", None, 60, format!("b{n}"));
+        }
+        match install_decision(&rt, "img", 10, 3, false) {
+            InstallDecision::Hold(HoldCause::Loop, why) => {
+                assert!(why.starts_with("3 install boots of img"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another state has its own count.
+        assert_eq!(
+            install_decision(&rt, "other", 10, 3, false),
+            InstallDecision::Start
+        );
+    }
+
+    #[test]
+    fn an_overdue_install_is_held_only_with_hold_overdue() {
+        let mut rt = HostRuntime::default();
+        rt.start_attempt(0, "img", None, 1, "b".into());
+        assert_eq!(
+            install_decision(&rt, "img", 61, 3, false),
+            InstallDecision::Start
+        );
+        assert!(matches!(
+            install_decision(&rt, "img", 61, 3, true),
+            InstallDecision::Hold(HoldCause::Overdue, _)
+        ));
+        assert_eq!(
+            install_decision(&rt, "img", 59, 3, true),
+            InstallDecision::Start
+        );
     }
 
     #[test]

@@ -1,65 +1,81 @@
 //! Loading and saving the host database: the one code path through which
-//! the FastCGI handler and the CLI read and change `known_hosts.json`.
+//! the FastCGI handler and the CLI read and change the hosts and their
+//! runtime facts.
 //!
-//! - Reads are cached: the parsed database is kept in memory and re-read only
-//!   when the file's identity (device, inode, size, mtime, ctime) changed, so
-//!   an edit from outside is seen by the next request while a boot storm of
-//!   installed machines costs two `stat`s each.
+//! A deployment keeps two things, in two files beside each other:
+//!
+//! - **What the operator configured**, `known_hosts.json`: each host's
+//!   identity, state chain, hostname and metadata, in the seed's format.
+//!   Every change replaces the file atomically: temp file in the same
+//!   directory, fsync, rename, fsync of the directory. It only changes when
+//!   configuration changes, so it never lags behind the truth, and tools
+//!   that read it see exactly what the service uses.
+//! - **What the service observed**, the runtime log
+//!   `.known_hosts.json.runtime` (hidden, so that no web server serves its
+//!   secrets): bootids, install attempts, last seen, holds. All of them
+//!   are [`crate::runtime::Patch`]es, one JSON line each, appended with one
+//!   write per commit group and one `fdatasync` when anything but a "last
+//!   seen" time is in it. The table is the log's patches applied in order.
+//!   When the log grows past twice what its records need, it is compacted:
+//!   one line per record, written to a temp file and renamed over the log.
+//!
+//! The two are joined by host id only and read independently, so neither
+//! write can hide the other's: a rewrite of `known_hosts.json` never
+//! touches the log, and a compaction replaces the log with a file that
+//! holds every fact of the old one. A fact one process acknowledged is
+//! therefore seen by every reader from that moment on: it is either in the
+//! log at the offset the reader has not read yet, or in the compacted file
+//! that has replaced it.
+//!
+//! - Reads are cached and take no lock: each file is re-read only when its
+//!   identity (device, inode, size, times) changed, so a boot storm of
+//!   installed machines costs two `stat`s each. The log is followed by its
+//!   tail: a reader keeps the log open (which also keeps its inode from
+//!   being reused), reads only what was appended, and stops at the last
+//!   complete line; a torn line (an append in progress, or a crash in the
+//!   middle of one) is read once complete, or cut off by the next writer.
 //! - Every read-modify-write holds an exclusive `fs2` lock on a lock file
-//!   beside the database, across processes, re-reads the file under the lock
-//!   if it changed, and replaces it atomically: temp file in the same
-//!   directory, fsync, rename, fsync of the directory.
-//! - Bootids, the frequent write while machines install, go to a journal
-//!   beside the database (`.known_hosts.json.bootids`, hidden, so that the
-//!   web server never serves it) instead: a commit whose changes are all
-//!   bootids appends one JSON line per host, `{"file":<inode>,"id":N,
-//!   "bootid":"..."}` (`null` for a cleared bootid), with one write and one
-//!   fsync, so its cost does not grow with the fleet. A line applies only to
-//!   the file whose inode it names: every full rewrite writes the current
-//!   bootids into the new file and then empties the journal, and lines left
-//!   for an older file (by a crash in between) are ignored. Loading applies
-//!   the journal after the file; readers see it grow by its size and times
-//!   and apply only the new lines. A torn last line (a crash in the middle
-//!   of an append) is ignored; any other line that does not parse is
-//!   reported like a corrupt database and never removed. The journal is
-//!   folded into the file once it grows past half the file's size.
+//!   beside the database, across processes, and re-reads under the lock
+//!   what changed. `known_hosts.json` is written first and the log second:
+//!   a crash in between leaves the configured state (say, `finished`) and a
+//!   stale fact, never a machine that installs again.
 //! - Concurrent writers within one process are committed in groups by one
 //!   writer thread per store: while it writes, further changes queue up, and
-//!   the next write commits the whole queue at once. Keeping every commit
-//!   on one thread also keeps the memory a commit uses in one allocator
-//!   arena, instead of one copy per request thread.
-//! - The file is written straight from each host's cached JSON, without
-//!   building the whole text in memory, and readers never see a renamed
-//!   file before the cache knows it, so a write is never followed by a
-//!   needless re-read and re-parse.
-//! - A file that does not parse is reported with its line and column and is
-//!   never overwritten.
+//!   the next write commits the whole queue at once. Facts that need no
+//!   answer ("last seen") are queued without waiting.
+//! - A file that does not parse, and a log line that does not (other than
+//!   a torn last line), is reported with its line and column and never
+//!   overwritten; commits are refused until it is fixed.
+//! - A new host never gets the id of a host whose facts are still in the
+//!   log, so a removed host's facts cannot pass to a new one.
+//! - Databases of earlier versions, whose bootids sat in `known_hosts.json`
+//!   and a `.known_hosts.json.bootids` journal, are moved over on first
+//!   open ([`Store::migrate`]).
 
 use crate::events::{self, Event};
 use crate::hosts::Database;
 use crate::identity::Placeholders;
+use crate::runtime::{HostRuntime, Patch, RuntimeTable};
 use fs2::FileExt;
-use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use serde::Deserialize;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
+use std::ops::Deref;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
-/// The journal is folded into the file once it is larger than this share
-/// of the file (and than [`JOURNAL_MIN_FOLD`]).
-const JOURNAL_FOLD_DIVISOR: u64 = 2;
-/// The journal is never folded below this size.
-const JOURNAL_MIN_FOLD: u64 = 256 * 1024;
+/// The log is compacted once it is larger than this and holds more than
+/// twice as many lines as records.
+const LOG_MIN_COMPACT: u64 = 256 * 1024;
 
 /// Why the database could not be read or saved.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreError {
-    /// The file (or the bootid journal) is not valid. It is left untouched.
+    /// The file (or the runtime log) is not valid. It is left untouched.
     Corrupt {
         path: PathBuf,
         line: usize,
@@ -130,51 +146,74 @@ impl Stamp {
             ctime: (m.ctime(), m.ctime_nsec()),
         }
     }
+
+    fn same_file(&self, other: &Stamp) -> bool {
+        self.dev == other.dev && self.ino == other.ino
+    }
 }
 
-/// One line of the bootid journal.
-#[derive(Debug, Serialize, Deserialize)]
-struct JournalLine {
-    /// The inode of the `known_hosts.json` the line applies to.
-    file: u64,
-    id: u64,
-    bootid: Option<String>,
+/// The hosts and their runtime facts, as one consistent reading.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub db: Arc<Database>,
+    pub rt: Arc<RuntimeTable>,
 }
 
-/// How much of the journal the cached database reflects.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct JournalState {
-    /// The journal as it was read (`None`: it did not exist).
+impl Snapshot {
+    /// A host's runtime facts (empty if it has none).
+    pub fn runtime(&self, id: u64) -> &HostRuntime {
+        self.rt.get(id)
+    }
+}
+
+impl Deref for Snapshot {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        &self.db
+    }
+}
+
+/// How much of the runtime log the cached table reflects.
+#[derive(Debug, Default)]
+struct LogState {
+    /// The log, kept open: its inode cannot be reused (by a compaction)
+    /// while its stamp is what the cache compares with.
+    _pinned: Option<File>,
+    /// The log as it was last read (`None`: it did not exist).
     stamp: Option<Stamp>,
     /// Bytes read: complete lines only.
     read: u64,
-    /// Complete lines read, for the line numbers of errors.
+    /// Complete lines read, for the line numbers of errors and for
+    /// deciding when to compact.
     lines: usize,
-    /// Lines for another file (left by a crash during a full rewrite).
-    stale: usize,
-    /// Whether bytes after the last complete line were seen (a torn line,
-    /// or an append still in progress).
-    torn: bool,
-}
-
-impl JournalState {
-    /// Whether a commit may append to the journal as it is.
-    fn appendable(&self) -> bool {
-        self.stale == 0 && !self.torn
-    }
 }
 
 struct Cached {
     loaded: bool,
-    /// The database file as it was read (`None`: it did not exist).
+    /// `known_hosts.json` as it was read (`None`: it did not exist).
     file: Option<Stamp>,
-    journal: JournalState,
-    result: Result<Arc<Database>, StoreError>,
+    db: Result<Arc<Database>, StoreError>,
+    log: LogState,
+    rt: Result<Arc<RuntimeTable>, StoreError>,
+    /// The last snapshot handed out, while both parts are current.
+    snap: Option<Arc<Snapshot>>,
 }
 
 impl Cached {
-    fn fresh(&self, file: Option<Stamp>, journal: Option<Stamp>) -> bool {
-        self.loaded && self.file == file && self.journal.stamp == journal
+    fn fresh(&self, file: Option<Stamp>, log: Option<Stamp>) -> bool {
+        self.loaded && self.file == file && self.log.stamp == log
+    }
+
+    fn snapshot(&mut self) -> Result<Arc<Snapshot>, StoreError> {
+        if let Some(s) = &self.snap {
+            return Ok(s.clone());
+        }
+        let db = self.db.clone()?;
+        let rt = self.rt.clone()?;
+        let snap = Arc::new(Snapshot { db, rt });
+        self.snap = Some(snap.clone());
+        Ok(snap)
     }
 }
 
@@ -184,16 +223,19 @@ type Done = Arc<(Mutex<Option<Result<(), StoreError>>>, Condvar)>;
 /// One queued change to the database.
 type Run = Box<dyn FnOnce(&mut Txn) + Send>;
 
-/// A change waiting to be committed, and where its outcome goes.
+/// A change waiting to be committed, and where its outcome goes (`None`:
+/// nobody waits for it).
 struct Job {
     run: Run,
-    done: Done,
+    done: Option<Done>,
 }
 
-/// The database being changed inside one commit, and the events the
-/// changes record.
+/// The hosts and their facts being changed inside one commit, and the
+/// events the changes record.
 pub struct Txn {
     pub db: Database,
+    rt: RuntimeTable,
+    patches: Vec<Patch>,
     events: Vec<Event>,
 }
 
@@ -202,6 +244,41 @@ impl Txn {
     /// saved.
     pub fn record(&mut self, event: Event) {
         self.events.push(event);
+    }
+
+    /// A host's runtime facts.
+    pub fn runtime(&self, id: u64) -> &HostRuntime {
+        self.rt.get(id)
+    }
+
+    /// All runtime facts.
+    pub fn runtime_table(&self) -> &RuntimeTable {
+        &self.rt
+    }
+
+    /// Changes a host's runtime facts through `f`; what changed is saved
+    /// as one patch.
+    pub fn update_runtime<R>(&mut self, id: u64, f: impl FnOnce(&mut HostRuntime) -> R) -> R {
+        let old = self.rt.get(id).clone();
+        let mut new = old.clone();
+        let r = f(&mut new);
+        if let Some(patch) = Patch::diff(id, &old, &new) {
+            self.rt.apply(&patch);
+            self.patches.push(patch);
+        }
+        r
+    }
+
+    /// The id a new host gets: above every host and every record of facts.
+    pub fn next_id(&self) -> u64 {
+        self.db.next_id().max(self.rt.max_id() + 1)
+    }
+
+    /// Removes a host and its runtime facts.
+    pub fn remove_host(&mut self, id: u64) -> Option<crate::hosts::Host> {
+        let host = self.db.remove(id)?;
+        self.update_runtime(id, |rt| *rt = HostRuntime::default());
+        Some(host)
     }
 }
 
@@ -216,12 +293,13 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     lock_path: PathBuf,
-    journal_path: PathBuf,
+    log_path: PathBuf,
+    legacy_journal: PathBuf,
     events_path: PathBuf,
     placeholders: Arc<Placeholders>,
     cache: Mutex<Cached>,
     /// Whether temp files left by a killed writer were looked for.
-    swept: std::sync::atomic::AtomicBool,
+    swept: AtomicBool,
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -238,24 +316,28 @@ fn stat(path: &Path) -> Result<Option<Stamp>, StoreError> {
     }
 }
 
-/// The bootid journal of the database at `path`: `.<name>.bootids` beside
-/// it.
-pub fn journal_path(path: &Path) -> PathBuf {
+/// `.<name><suffix>` beside the database at `path`.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "known_hosts.json".into());
-    path.with_file_name(format!(".{name}.bootids"))
+    path.with_file_name(format!(".{name}{suffix}"))
 }
 
-/// Parses the journal's complete lines (`text` up to its last newline);
-/// `first_line` is the line number of the first one. Returns the lines
-/// and how many there were, blank ones included.
-fn parse_journal(
+/// The runtime log of the database at `path`: `.<name>.runtime` beside it.
+pub fn runtime_log_path(path: &Path) -> PathBuf {
+    beside(path, ".runtime")
+}
+
+/// Parses complete log lines (`text` up to its last newline); `first_line`
+/// is the line number of the first. Returns the patches and how many lines
+/// there were, blank ones included.
+fn parse_log(
     path: &Path,
     text: &[u8],
     first_line: usize,
-) -> Result<(Vec<JournalLine>, usize), StoreError> {
+) -> Result<(Vec<Patch>, usize), StoreError> {
     let mut out = Vec::new();
     let mut number = first_line;
     for raw in text.split_inclusive(|b| *b == b'\n') {
@@ -263,37 +345,32 @@ fn parse_journal(
             number += 1;
             continue;
         }
-        let line: JournalLine = serde_json::from_slice(raw).map_err(|e| {
-            let message = e.to_string();
-            StoreError::Corrupt {
-                path: path.to_path_buf(),
-                line: number,
-                column: e.column(),
-                message: message
-                    .rfind(" at line ")
-                    .map_or(message.clone(), |i| message[..i].to_string()),
-            }
-        })?;
-        out.push(line);
+        let patch: Patch = serde_json::from_slice(raw).map_err(|e| corrupt(path, number, &e))?;
+        out.push(patch);
         number += 1;
     }
     Ok((out, number - first_line))
 }
 
-/// `known_hosts.json` at `path` as JSON, with the bootids of its journal
-/// applied: what the file holds once the journal is folded into it. For
-/// tools and tests that look at the file itself rather than through a
-/// [`Store`]. A missing file is an empty array.
+fn corrupt(path: &Path, line: usize, e: &serde_json::Error) -> StoreError {
+    let message = e.to_string();
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+        column: e.column(),
+        message: message
+            .rfind(" at line ")
+            .map_or(message.clone(), |i| message[..i].to_string()),
+    }
+}
+
+/// `known_hosts.json` at `path` as JSON, each host with the `bootid` of
+/// its runtime facts: for tests and tools that look at the files rather
+/// than through a [`Store`]. A missing file is an empty array.
 pub fn read_json(path: &Path) -> Result<serde_json::Value, StoreError> {
-    let (ino, text) = match File::open(path) {
-        Ok(mut f) => {
-            let ino = f.metadata().map_err(|e| io_error("read", path, e))?.ino();
-            let mut text = Vec::new();
-            f.read_to_end(&mut text)
-                .map_err(|e| io_error("read", path, e))?;
-            (ino, text)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => (0, Vec::new()),
+    let text = match fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(io_error("read", path, e)),
     };
     let mut value = if text.iter().all(u8::is_ascii_whitespace) {
@@ -306,53 +383,62 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value, StoreError> {
             message: e.to_string(),
         })?
     };
-    let journal = journal_path(path);
-    let text = match fs::read(&journal) {
+    let log = runtime_log_path(path);
+    let text = match fs::read(&log) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io_error("read", &journal, e)),
+        Err(e) => return Err(io_error("read", &log, e)),
     };
     let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let mut table = RuntimeTable::default();
+    for patch in parse_log(&log, &text[..complete], 1)?.0 {
+        table.apply(&patch);
+    }
     if let Some(hosts) = value.as_array_mut() {
-        for line in parse_journal(&journal, &text[..complete], 1)?.0 {
-            if line.file != ino {
-                continue;
-            }
-            let host = hosts.iter_mut().find(|h| h["id"].as_u64() == Some(line.id));
-            if let Some(serde_json::Value::Object(h)) = host {
-                h.insert("bootid".into(), line.bootid.into());
+        for h in hosts.iter_mut() {
+            let Some(id) = h["id"].as_u64() else { continue };
+            if let serde_json::Value::Object(h) = h {
+                h.insert("bootid".into(), table.get(id).bootid.clone().into());
             }
         }
     }
     Ok(value)
 }
 
+/// One line of the bootid journal of earlier versions.
+#[derive(Deserialize)]
+struct LegacyLine {
+    file: u64,
+    id: u64,
+    bootid: Option<String>,
+}
+
 impl Store {
     /// The database at `path`, with its lock file (`.<name>.lock`) and its
-    /// bootid journal (`.<name>.bootids`) beside it and the event log at
+    /// runtime log (`.<name>.runtime`) beside it and the event log at
     /// `events_path`.
     pub fn new(path: PathBuf, events_path: PathBuf, placeholders: Placeholders) -> Store {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "known_hosts.json".into());
-        let lock_path = path.with_file_name(format!(".{name}.lock"));
-        let journal_path = journal_path(&path);
+        let lock_path = beside(&path, ".lock");
+        let log_path = runtime_log_path(&path);
+        let legacy_journal = beside(&path, ".bootids");
         let placeholders = Arc::new(placeholders);
         Store {
             inner: Arc::new(Inner {
                 path,
                 lock_path,
-                journal_path,
+                log_path,
+                legacy_journal,
                 events_path,
                 cache: Mutex::new(Cached {
                     loaded: false,
                     file: None,
-                    journal: JournalState::default(),
-                    result: Ok(Arc::new(Database::empty(placeholders.clone()))),
+                    db: Ok(Arc::new(Database::empty(placeholders.clone()))),
+                    log: LogState::default(),
+                    rt: Ok(Arc::new(RuntimeTable::default())),
+                    snap: None,
                 }),
                 placeholders,
-                swept: std::sync::atomic::AtomicBool::new(false),
+                swept: AtomicBool::new(false),
             }),
             writer: Mutex::new(None),
         }
@@ -362,25 +448,78 @@ impl Store {
         &self.inner.path
     }
 
-    /// The bootid journal beside the database.
-    pub fn journal_path(&self) -> &Path {
-        &self.inner.journal_path
+    /// The runtime log beside the database.
+    pub fn runtime_log_path(&self) -> &Path {
+        &self.inner.log_path
     }
 
     pub fn events_path(&self) -> &Path {
         &self.inner.events_path
     }
 
-    /// The current database, re-read only if the file or the journal
+    /// The current hosts and facts, each part re-read only if its file
     /// changed.
-    pub fn snapshot(&self) -> Result<Arc<Database>, StoreError> {
+    pub fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
         self.inner.snapshot()
     }
 
-    /// Applies `change` to the database under the cross-process lock and
-    /// saves the result if anything changed: new bootids alone are appended
-    /// to the journal, anything else replaces the file atomically. Returns
-    /// what `change` returned, once it is on disk.
+    /// Moves the bootids of an earlier version's database (a `bootid` field
+    /// in `known_hosts.json`, and the `.known_hosts.json.bootids` journal)
+    /// into the runtime log, in one commit. Does nothing, and takes no
+    /// lock, when there is nothing to move. Returns how many hosts had one.
+    pub fn migrate(&self) -> Result<usize, StoreError> {
+        let snap = self.snapshot()?;
+        if snap.db.legacy_bootids() == 0 && !self.inner.legacy_journal.exists() {
+            return Ok(0);
+        }
+        let journal = self.inner.legacy_journal.clone();
+        let path = self.inner.path.clone();
+        let moved = self.modify(move |txn| -> Result<usize, StoreError> {
+            // The journal's lines apply to the file whose inode they name.
+            let ino = fs::metadata(&path).map(|m| m.ino()).unwrap_or(0);
+            let mut from_journal = std::collections::HashMap::new();
+            if let Ok(text) = fs::read(&journal) {
+                for line in text.split(|b| *b == b'\n') {
+                    if let Ok(l) = serde_json::from_slice::<LegacyLine>(line) {
+                        if l.file == ino {
+                            from_journal.insert(l.id, l.bootid);
+                        }
+                    }
+                }
+            }
+            let ids: Vec<u64> = txn.db.ids().collect();
+            let mut moved = 0;
+            for id in ids {
+                let in_file = txn
+                    .db
+                    .update(id, |h| h.extra.remove("bootid"))
+                    .flatten()
+                    .and_then(|v| v.as_str().map(str::to_string));
+                let bootid = match from_journal.remove(&id) {
+                    Some(b) => b,
+                    None => in_file,
+                };
+                if let Some(b) = bootid.filter(|b| !b.is_empty()) {
+                    if txn.runtime(id).bootid.is_none() {
+                        txn.update_runtime(id, |rt| rt.bootid = Some(b));
+                        moved += 1;
+                    }
+                }
+            }
+            Ok(moved)
+        })??;
+        match fs::remove_file(&self.inner.legacy_journal) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("remove", &self.inner.legacy_journal, e)),
+        }
+        Ok(moved)
+    }
+
+    /// Applies `change` under the cross-process lock and saves what it
+    /// changed: `known_hosts.json` is replaced atomically if a host changed,
+    /// and changed runtime facts are appended to the log. Returns what
+    /// `change` returned, once it is on disk.
     pub fn modify<R, F>(&self, change: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
@@ -394,7 +533,7 @@ impl Store {
                 let r = change(txn);
                 *lock(&out) = Some(r);
             }),
-            done: done.clone(),
+            done: Some(done.clone()),
         };
         if let Err(job) = self.submit(job) {
             // No writer thread: commit on this thread.
@@ -413,6 +552,21 @@ impl Store {
         status?;
         let value = lock(&slot).take();
         value.ok_or_else(|| StoreError::Internal("change produced no result".into()))
+    }
+
+    /// Queues a change that nobody waits for (a "last seen" time): it is
+    /// committed with the next group, and a failure is only logged.
+    pub fn modify_later<F>(&self, change: F)
+    where
+        F: FnOnce(&mut Txn) + Send + 'static,
+    {
+        let job = Job {
+            run: Box::new(change),
+            done: None,
+        };
+        if let Err(job) = self.submit(job) {
+            drop(self.inner.commit_group(vec![job]));
+        }
     }
 
     /// Hands a job to the writer thread, starting it if needed. Gives the
@@ -452,82 +606,59 @@ impl Store {
     }
 }
 
-impl Inner {
-    fn snapshot(&self) -> Result<Arc<Database>, StoreError> {
-        let file = stat(&self.path)?;
-        let journal = stat(&self.journal_path)?;
-        let mut cache = lock(&self.cache);
-        if cache.fresh(file, journal) {
-            return cache.result.clone();
-        }
-        // This process may have written the file or the journal between
-        // the stats above and taking the lock; the cache then already
-        // holds it. Look again before reading.
-        let file = stat(&self.path)?;
-        let journal = stat(&self.journal_path)?;
-        if cache.fresh(file, journal) {
-            return cache.result.clone();
-        }
-        // An append changes the times before the size: a journal of the
-        // same size may be in the middle of one.
-        let grown = match (cache.journal.stamp, journal) {
-            (None, Some(_)) => true,
-            (Some(old), Some(new)) => {
-                old.dev == new.dev && old.ino == new.ino && new.len >= old.len
-            }
-            _ => false,
-        };
-        if cache.loaded && cache.file == file && file.is_some() && cache.result.is_ok() && grown {
-            // Only the journal grew: apply its new lines.
-            let ino = file.map_or(0, |f| f.ino);
-            let mut db = match &cache.result {
-                Ok(db) => (**db).clone(),
-                Err(_) => unreachable!("checked above"),
+impl Drop for Store {
+    /// Commits what is still queued (changes nobody waits for) before the
+    /// store goes.
+    fn drop(&mut self) {
+        let tx = lock(&self.writer).take();
+        if let Some(tx) = tx {
+            let done: Done = Arc::new((Mutex::new(None), Condvar::new()));
+            let job = Job {
+                run: Box::new(|_| {}),
+                done: Some(done.clone()),
             };
-            let mut state = cache.journal;
-            match self.read_journal(ino, &mut state, &mut db) {
-                Ok(true) => {
-                    cache.journal = state;
-                    cache.result = Ok(Arc::new(db));
-                    return cache.result.clone();
-                }
-                // Replaced or cut short meanwhile: read everything again.
-                Ok(false) => {}
-                Err(e) => {
-                    // Kept until the journal changes again.
-                    cache.journal = state;
-                    cache.result = Err(e);
-                    return cache.result.clone();
+            if tx.send(job).is_ok() {
+                let (m, cv) = &*done;
+                let mut g = lock(m);
+                while g.is_none() {
+                    let (next, timeout) = cv
+                        .wait_timeout(g, std::time::Duration::from_secs(5))
+                        .unwrap_or_else(|p| p.into_inner());
+                    g = next;
+                    if timeout.timed_out() {
+                        break;
+                    }
                 }
             }
         }
-        let (file, journal, result) = self.load();
-        cache.file = file;
-        cache.journal = journal;
-        cache.loaded = true;
-        cache.result = result;
-        cache.result.clone()
     }
+}
 
-    /// Reads the file and then the whole journal.
-    fn load(
-        &self,
-    ) -> (
-        Option<Stamp>,
-        JournalState,
-        Result<Arc<Database>, StoreError>,
-    ) {
-        let mut journal = JournalState::default();
-        let (file, db) = self.read_file();
-        let mut db = match db {
-            Ok(db) => db,
-            Err(e) => return (file, journal, Err(e)),
-        };
-        let ino = file.map_or(0, |f| f.ino);
-        match self.read_journal(ino, &mut journal, &mut db) {
-            Ok(_) => (file, journal, Ok(Arc::new(db))),
-            Err(e) => (file, journal, Err(e)),
+impl Inner {
+    fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        let file = stat(&self.path)?;
+        let log = stat(&self.log_path)?;
+        let mut cache = lock(&self.cache);
+        if cache.fresh(file, log) {
+            return cache.snapshot();
         }
+        // This process may have written a file between the stats above
+        // and taking the lock; the cache then already holds it. Look again
+        // before reading.
+        let file = stat(&self.path)?;
+        if !(cache.loaded && cache.file == file) || cache.db.is_err() {
+            let (stamp, db) = self.read_file();
+            cache.file = stamp;
+            cache.db = db.map(Arc::new);
+            cache.snap = None;
+        }
+        let log = stat(&self.log_path)?;
+        if !cache.loaded || cache.log.stamp != log {
+            self.read_log(&mut cache);
+            cache.snap = None;
+        }
+        cache.loaded = true;
+        cache.snapshot()
     }
 
     fn read_file(&self) -> (Option<Stamp>, Result<Database, StoreError>) {
@@ -561,83 +692,69 @@ impl Inner {
         (stamp, result)
     }
 
-    /// Applies the journal's complete lines after `state.read` to `db`,
-    /// which was loaded from the file with inode `ino`, and advances
-    /// `state`. Lines for another file are skipped; bytes after the last
-    /// newline are left for later. Returns `false`, changing nothing, if
-    /// the journal is no longer the one `state` describes (replaced or cut
-    /// short); it must then be read from the start, onto the file's
-    /// database.
-    fn read_journal(
-        &self,
-        ino: u64,
-        state: &mut JournalState,
-        db: &mut Database,
-    ) -> Result<bool, StoreError> {
-        let path = &self.journal_path;
+    /// Brings the cached table up to the log on disk: the appended tail if
+    /// it is the same file, else the whole (compacted) file.
+    fn read_log(&self, cache: &mut Cached) {
+        let path = &self.log_path;
         let mut f = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if state.read > 0 {
-                    return Ok(false);
-                }
-                *state = JournalState::default();
-                return Ok(true);
+                cache.log = LogState::default();
+                cache.rt = Ok(Arc::new(RuntimeTable::default()));
+                return;
             }
-            Err(e) => return Err(io_error("read", path, e)),
-        };
-        let meta = f.metadata().map_err(|e| io_error("read", path, e))?;
-        let stamp = Stamp::of(&meta);
-        if state
-            .stamp
-            .is_some_and(|s| s.ino != stamp.ino || s.dev != stamp.dev)
-            || stamp.len < state.read
-        {
-            return Ok(false);
-        }
-        let mut text = Vec::with_capacity((stamp.len - state.read) as usize);
-        f.seek(io::SeekFrom::Start(state.read))
-            .and_then(|_| (&mut f).take(stamp.len - state.read).read_to_end(&mut text))
-            .map_err(|e| io_error("read", path, e))?;
-        let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        // The last bootid per host, so that a long journal costs one
-        // change per host.
-        let mut last: HashMap<u64, Option<String>> = HashMap::new();
-        let mut order = Vec::new();
-        let (parsed, count) = match parse_journal(path, &text[..complete], state.lines + 1) {
-            Ok(p) => p,
             Err(e) => {
-                // Remembered, so that the error is not read again until
-                // the journal changes.
-                state.stamp = Some(stamp);
-                return Err(e);
+                cache.rt = Err(io_error("read", path, e));
+                return;
             }
         };
-        let lines = state.lines + count;
-        let mut stale = state.stale;
-        for line in parsed {
-            if line.file != ino {
-                stale += 1;
-                continue;
+        let stamp = match f.metadata() {
+            Ok(m) => Stamp::of(&m),
+            Err(e) => {
+                cache.rt = Err(io_error("read", path, e));
+                return;
             }
-            if last.insert(line.id, line.bootid).is_none() {
-                order.push(line.id);
-            }
-        }
-        for id in order {
-            if let Some(bootid) = last.remove(&id) {
-                // A line for a host that is gone changes nothing.
-                db.replace_bootid(id, bootid);
-            }
-        }
-        *state = JournalState {
-            stamp: Some(stamp),
-            read: state.read + complete as u64,
-            lines,
-            stale,
-            torn: complete < text.len(),
         };
-        Ok(true)
+        let follows = cache.log.stamp.is_some_and(|s| s.same_file(&stamp))
+            && stamp.len >= cache.log.read
+            && cache.rt.is_ok();
+        let (mut table, from, lines) = match (&cache.rt, follows) {
+            (Ok(rt), true) => ((**rt).clone(), cache.log.read, cache.log.lines),
+            _ => (RuntimeTable::default(), 0, 0),
+        };
+        let mut text = Vec::with_capacity(stamp.len.saturating_sub(from) as usize);
+        let read = f
+            .seek(io::SeekFrom::Start(from))
+            .and_then(|_| (&mut f).take(stamp.len - from).read_to_end(&mut text));
+        if let Err(e) = read {
+            cache.rt = Err(io_error("read", path, e));
+            return;
+        }
+        let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        match parse_log(path, &text[..complete], lines + 1) {
+            Ok((patches, count)) => {
+                for p in &patches {
+                    table.apply(p);
+                }
+                cache.log = LogState {
+                    _pinned: Some(f),
+                    stamp: Some(stamp),
+                    read: from + complete as u64,
+                    lines: lines + count,
+                };
+                cache.rt = Ok(Arc::new(table));
+            }
+            Err(e) => {
+                // Kept until the log changes again.
+                cache.log = LogState {
+                    _pinned: Some(f),
+                    stamp: Some(stamp),
+                    read: 0,
+                    lines: 0,
+                };
+                cache.rt = Err(e);
+            }
+        }
     }
 
     /// Commits a group of changes and tells each caller the outcome.
@@ -645,7 +762,8 @@ impl Inner {
     /// milliseconds for a large database, which the callers need not wait
     /// for.
     fn commit_group(&self, jobs: Vec<Job>) -> Option<File> {
-        let dones: Vec<_> = jobs.iter().map(|j| j.done.clone()).collect();
+        let dones: Vec<_> = jobs.iter().filter_map(|j| j.done.clone()).collect();
+        let unwaited = jobs.iter().any(|j| j.done.is_none());
         let runs: Vec<_> = jobs.into_iter().map(|j| j.run).collect();
         let mut replaced = None;
         let status = match catch_unwind(AssertUnwindSafe(|| self.commit(runs, &mut replaced))) {
@@ -659,6 +777,11 @@ impl Inner {
                 Err(StoreError::Internal(what))
             }
         };
+        if unwaited {
+            if let Err(e) = &status {
+                eprintln!("kiwispray: a queued change was not saved: {e}");
+            }
+        }
         for done in dones {
             let (m, cv) = &*done;
             *lock(m) = Some(status.clone());
@@ -668,10 +791,10 @@ impl Inner {
     }
 
     /// Gives a file this store creates (the new database, the lock file,
-    /// the journal) the owner of the database, else of its directory, so
-    /// that `kiwispray-hosts` run as root does not leave files the service's
-    /// own user cannot write. Only root can change owners; for anyone else
-    /// the files are theirs already or stay as they are.
+    /// the log) the owner of the database, else of its directory, so that
+    /// `kiwispray-hosts` run as root does not leave files the service's own
+    /// user cannot write. Only root can change owners; for anyone else the
+    /// files are theirs already or stay as they are.
     fn keep_owner(&self, f: &File) {
         let (dir, _) = self.dir_and_name();
         let like = fs::metadata(&self.path).or_else(|_| fs::metadata(&dir));
@@ -680,6 +803,15 @@ impl Inner {
                 let _ = std::os::unix::fs::fchown(f, Some(like.uid()), Some(like.gid()));
             }
         }
+    }
+
+    /// The permissions a new file of the store gets: the database's, so
+    /// that the log is as private as the database.
+    fn keep_mode(&self, f: &File) -> io::Result<()> {
+        if let Ok(m) = fs::metadata(&self.path) {
+            f.set_permissions(fs::Permissions::from_mode(m.permissions().mode() & 0o7777))?;
+        }
+        Ok(())
     }
 
     /// Runs the changes and saves the result. `replaced` receives the file
@@ -700,12 +832,10 @@ impl Inner {
             self.remove_stale_temp_files();
         }
         let current = self.snapshot()?;
-        let (file, journal) = {
-            let cache = lock(&self.cache);
-            (cache.file, cache.journal)
-        };
         let mut txn = Txn {
-            db: (*current).clone(),
+            db: (*current.db).clone(),
+            rt: (*current.rt).clone(),
+            patches: Vec::new(),
             events: Vec::new(),
         };
         drop(current);
@@ -713,42 +843,14 @@ impl Inner {
         for run in runs {
             run(&mut txn);
         }
-        let fold_at = file
-            .map_or(0, |f| f.len / JOURNAL_FOLD_DIVISOR)
-            .max(JOURNAL_MIN_FOLD);
-        let append = !txn.db.needs_rewrite()
-            && file.is_some()
-            && journal.appendable()
-            && journal.read < fold_at;
-        // A journal this process cannot append to (e.g. left by another
-        // user) does not stop installs: the change is saved in full.
-        let opened = if append && !txn.db.bootid_changes().is_empty() {
-            match OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&self.journal_path)
-            {
-                Ok(f) => {
-                    self.keep_owner(&f);
-                    Some(f)
-                }
-                Err(e) => {
-                    eprintln!(
-                        "kiwispray: cannot open the bootid journal {}: {e}; saving the whole database",
-                        self.journal_path.display()
-                    );
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        if let Some(f) = opened {
-            let ino = file.map_or(0, |f| f.ino);
-            self.append_journal(f, ino, txn.db, journal)?;
-        } else if txn.db.is_changed() {
+        // The configuration first: a crash before the log is written
+        // leaves a stale fact, never a machine that installs again.
+        if txn.db.is_changed() {
             txn.db.clear_changed();
-            *replaced = self.save(Arc::new(txn.db), journal)?;
+            *replaced = self.save(Arc::new(txn.db))?;
+        }
+        if !txn.patches.is_empty() {
+            self.append_log(&txn.patches, txn.rt)?;
         }
         if let Err(e) = events::append(&self.events_path, &txn.events) {
             // The change itself is saved; a lost log line must not undo it.
@@ -761,61 +863,149 @@ impl Inner {
         Ok(())
     }
 
-    /// Appends the bootid changes of `db` to the journal, opened for
-    /// appending as `f` (one write, one fsync), and makes `db` the cached
-    /// database.
-    fn append_journal(
-        &self,
-        mut f: File,
-        ino: u64,
-        mut db: Database,
-        journal: JournalState,
-    ) -> Result<(), StoreError> {
-        let path = &self.journal_path;
-        let mut text = Vec::new();
-        let mut lines = 0;
-        for (id, bootid) in db.bootid_changes() {
-            let line = JournalLine {
-                file: ino,
-                id: *id,
-                bootid: bootid.clone(),
-            };
-            serde_json::to_writer(&mut text, &line)
-                .map_err(|e| StoreError::Internal(e.to_string()))?;
+    /// Appends `patches` to the log (one write, and one `fdatasync` if
+    /// any is durable) and makes `table`, which they produced, the cached
+    /// one. Called under the lock, after a snapshot, so the cache describes
+    /// the whole log: bytes after its last complete line are left by a
+    /// crashed writer and are cut off first. A log that is gone or was
+    /// replaced from outside meanwhile is written whole instead; one that
+    /// has grown long is compacted.
+    fn append_log(&self, patches: &[Patch], table: RuntimeTable) -> Result<(), StoreError> {
+        let path = &self.log_path;
+        let mut text = Vec::with_capacity(patches.len() * 160);
+        for p in patches {
+            serde_json::to_writer(&mut text, p).map_err(|e| StoreError::Internal(e.to_string()))?;
             text.push(b'\n');
-            lines += 1;
         }
-        db.clear_changed();
-        let created = journal.stamp.is_none();
-        let stamp = (|| -> io::Result<Stamp> {
-            if created {
-                if let Ok(m) = fs::metadata(&self.path) {
-                    f.set_permissions(fs::Permissions::from_mode(m.permissions().mode()))?;
-                }
+        let durable = patches.iter().any(Patch::durable);
+        let (known, start, lines) = {
+            let cache = lock(&self.cache);
+            (cache.log.stamp, cache.log.read, cache.log.lines)
+        };
+        let table = Arc::new(table);
+        let mut f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| io_error("open", path, e))?;
+        let meta = f.metadata().map_err(|e| io_error("append to", path, e))?;
+        let same = known.is_some_and(|k| k.same_file(&Stamp::of(&meta)));
+        if !same && (known.is_some() || meta.len() > 0) {
+            return self.compact(table);
+        }
+        let start = if same { start } else { 0 };
+        let written = (|| -> io::Result<Stamp> {
+            if !same {
+                self.keep_owner(&f);
+                self.keep_mode(&f)?;
+            }
+            if meta.len() != start {
+                // A torn line left by a crash.
+                f.set_len(start)?;
             }
             f.write_all(&text)?;
-            f.sync_data()?;
-            if created {
+            if durable {
+                f.sync_data()?;
+            }
+            if !same {
                 File::open(self.dir_and_name().0)?.sync_all()?;
             }
             Ok(Stamp::of(&f.metadata()?))
-        })()
-        .map_err(|e| {
-            // Nothing of a failed commit may apply: cut off what was
-            // written of it (a disk that is full can still shrink a file).
-            let _ = f.set_len(journal.read);
-            io_error("append to", path, e)
-        })?;
-        let mut cache = lock(&self.cache);
-        cache.journal = JournalState {
-            stamp: Some(stamp),
-            read: journal.read + text.len() as u64,
-            lines: journal.lines + lines,
-            stale: 0,
-            torn: false,
+        })();
+        let stamp = match written {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing of a failed commit may apply: cut off what was
+                // written of it (a full disk can still shrink a file).
+                let _ = f.set_len(start);
+                return Err(io_error("append to", path, e));
+            }
         };
-        cache.result = Ok(Arc::new(db));
+        let lines = if same { lines } else { 0 } + patches.len();
+        let records = table.len();
+        {
+            let mut cache = lock(&self.cache);
+            cache.log = LogState {
+                _pinned: Some(f),
+                stamp: Some(stamp),
+                read: stamp.len,
+                lines,
+            };
+            cache.rt = Ok(table.clone());
+            cache.snap = None;
+        }
+        if stamp.len > LOG_MIN_COMPACT && lines > 2 * records + 64 {
+            if let Err(e) = self.compact(table) {
+                // The log is whole; it is compacted on a later commit.
+                eprintln!("kiwispray: cannot compact {}: {e}", path.display());
+            }
+        }
         Ok(())
+    }
+
+    /// Replaces the log with one line per record of `table` (under the
+    /// lock) and makes it the cached one.
+    fn compact(&self, table: Arc<RuntimeTable>) -> Result<(), StoreError> {
+        let path = &self.log_path;
+        let (dir, _) = self.dir_and_name();
+        let tmp = self.temp_path(".runtime");
+        let written = (|| -> io::Result<File> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            self.keep_mode(&f)?;
+            self.keep_owner(&f);
+            let mut w = io::BufWriter::with_capacity(256 * 1024, f);
+            let mut ids: Vec<u64> = table.ids().collect();
+            ids.sort_unstable();
+            for id in ids {
+                serde_json::to_writer(&mut w, &Patch::whole(id, table.get(id)))?;
+                w.write_all(b"\n")?;
+            }
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            Ok(f)
+        })();
+        let f = match written {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(io_error("compact", path, e));
+            }
+        };
+        if let Err(e) = fs::rename(&tmp, path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_error("compact", path, e));
+        }
+        // After the rename, which changes the file's ctime.
+        let stamp = Stamp::of(&f.metadata().map_err(|e| io_error("compact", path, e))?);
+        {
+            let mut cache = lock(&self.cache);
+            cache.log = LogState {
+                _pinned: Some(f),
+                stamp: Some(stamp),
+                read: stamp.len,
+                lines: table.len(),
+            };
+            cache.rt = Ok(table);
+            cache.snap = None;
+        }
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error("compact", path, e))
+    }
+
+    /// A fresh temp file name beside the database.
+    fn temp_path(&self, what: &str) -> PathBuf {
+        let (dir, name) = self.dir_and_name();
+        dir.join(format!(
+            ".{name}.tmp{what}.{}.{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ))
     }
 
     /// Removes temp files of writers that were killed while saving. Temp
@@ -823,7 +1013,7 @@ impl Inner {
     /// every one found belongs to a writer that is gone.
     fn remove_stale_temp_files(&self) {
         let (dir, name) = self.dir_and_name();
-        let prefix = format!(".{name}.tmp.");
+        let prefix = format!(".{name}.tmp");
         let Ok(entries) = fs::read_dir(&dir) else {
             return;
         };
@@ -847,43 +1037,12 @@ impl Inner {
         (dir, name)
     }
 
-    /// Empties the journal and records that in the cache.
-    fn truncate_journal(&self, cache: &mut Cached) -> io::Result<()> {
-        let f = match OpenOptions::new().write(true).open(&self.journal_path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                cache.journal = JournalState::default();
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        f.set_len(0)?;
-        cache.journal = JournalState {
-            stamp: Some(Stamp::of(&f.metadata()?)),
-            ..JournalState::default()
-        };
-        Ok(())
-    }
-
-    /// Replaces the file atomically and durably, makes `db` the cached
-    /// database in the same step as the rename, and then empties the
-    /// journal, whose bootids `db` holds. Returns the replaced file, still
-    /// open, so that its blocks are not freed inside the rename (and its
-    /// inode is not reused while the journal names it).
-    fn save(&self, db: Arc<Database>, journal: JournalState) -> Result<Option<File>, StoreError> {
-        let (dir, name) = self.dir_and_name();
-        if journal.stamp.is_some() && journal.stale > 0 && journal.lines == journal.stale {
-            // Only lines for files that are gone: empty the journal before
-            // a new file (which might get one of their inodes) appears.
-            let mut cache = lock(&self.cache);
-            self.truncate_journal(&mut cache)
-                .map_err(|e| io_error("empty", &self.journal_path, e))?;
-        }
-        let tmp = dir.join(format!(
-            ".{name}.tmp.{}.{}",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+    /// Replaces the file atomically and durably, and makes `db` the cached
+    /// database in the same step as the rename. Returns the replaced file,
+    /// still open, so that its blocks are not freed inside the rename.
+    fn save(&self, db: Arc<Database>) -> Result<Option<File>, StoreError> {
+        let (dir, _) = self.dir_and_name();
+        let tmp = self.temp_path("");
         let written = (|| -> io::Result<()> {
             let f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             if let Ok(old) = fs::metadata(&self.path) {
@@ -901,42 +1060,19 @@ impl Inner {
         }
         let old = File::open(&self.path).ok();
         {
-            // Readers that see the new file find it in the cache. The
-            // journal's lines are for the old file now: none of them
-            // applies to the new one.
+            // Readers that see the new file find it in the cache.
             let mut cache = lock(&self.cache);
-            let journal = stat(&self.journal_path)?;
             if let Err(e) = fs::rename(&tmp, &self.path) {
                 let _ = fs::remove_file(&tmp);
                 return Err(io_error("save", &self.path, e));
             }
             cache.file = stat(&self.path)?;
-            // Lines of unknown number, all stale: counted as one.
-            let stale = usize::from(journal.is_some_and(|j| j.len > 0));
-            cache.journal = JournalState {
-                stamp: journal,
-                read: journal.map_or(0, |j| j.len),
-                lines: stale,
-                stale,
-                torn: false,
-            };
-            cache.loaded = true;
-            cache.result = Ok(db);
+            cache.db = Ok(db);
+            cache.snap = None;
         }
         File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io_error("save", &self.path, e))?;
-        let mut cache = lock(&self.cache);
-        if cache.journal.stamp.is_some_and(|j| j.len > 0) {
-            if let Err(e) = self.truncate_journal(&mut cache) {
-                // The change is saved; the old lines are ignored, and the
-                // next write tries again.
-                eprintln!(
-                    "kiwispray: cannot empty the bootid journal {}: {e}",
-                    self.journal_path.display()
-                );
-            }
-        }
         Ok(old)
     }
 }
@@ -965,6 +1101,35 @@ mod tests {
         )
     }
 
+    /// A database of `n` hosts in state `img`, written through `s`.
+    fn hosts_in_install(s: &Store, n: u64) {
+        s.modify(move |t| {
+            for id in 1..=n {
+                t.db.insert(Host::new(id, &[], &format!("SN{id}"), "", "img"))
+                    .unwrap();
+            }
+        })
+        .unwrap();
+    }
+
+    fn set_bootid(s: &Store, id: u64, bootid: &str) {
+        let bootid = bootid.to_string();
+        s.modify(move |t| t.update_runtime(id, |rt| rt.bootid = Some(bootid)))
+            .unwrap();
+    }
+
+    fn bootid(s: &Store, id: u64) -> Option<String> {
+        s.snapshot().unwrap().runtime(id).bootid.clone()
+    }
+
+    fn log_lines(dir: &Path) -> Vec<serde_json::Value> {
+        fs::read_to_string(dir.join(".known_hosts.json.runtime"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     #[test]
     fn missing_file_is_empty_and_first_write_creates_it() {
         let dir = temp_root("missing");
@@ -972,7 +1137,7 @@ mod tests {
         assert!(s.snapshot().unwrap().is_empty());
         let id = s
             .modify(|t| {
-                let id = t.db.next_id();
+                let id = t.next_id();
                 t.db.insert(Host::new(id, &[], "S", "", "new")).unwrap();
                 t.record(Event::now(id, "", "new", "test", ""));
                 id
@@ -1031,7 +1196,7 @@ mod tests {
             threads.push(std::thread::spawn(move || {
                 for _ in 0..10 {
                     s.modify(|txn| {
-                        let id = txn.db.next_id();
+                        let id = txn.next_id();
                         txn.db.insert(Host::new(id, &[], "", "", "new")).unwrap();
                     })
                     .unwrap();
@@ -1054,261 +1219,207 @@ mod tests {
         let err = s
             .modify(|t| {
                 t.db.insert(Host::new(1, &[], "", "", "new")).unwrap();
+                t.update_runtime(1, |rt| rt.bootid = Some("b".into()));
                 panic!("boom");
             })
             .unwrap_err();
         assert_eq!(err, StoreError::Internal("boom".into()));
         assert!(!dir.join("known_hosts.json").exists());
+        assert!(!dir.join(".known_hosts.json.runtime").exists());
         s.modify(|t| t.db.insert(Host::new(1, &[], "", "", "new")))
             .unwrap()
             .unwrap();
         assert_eq!(s.snapshot().unwrap().len(), 1);
+        assert_eq!(bootid(&s, 1), None);
         fs::remove_dir_all(&dir).unwrap();
-    }
-    /// A database of `n` hosts in state `img`, written through `s`.
-    fn hosts_in_install(s: &Store, n: u64) {
-        s.modify(move |t| {
-            for id in 1..=n {
-                t.db.insert(Host::new(id, &[], &format!("SN{id}"), "", "img"))
-                    .unwrap();
-            }
-        })
-        .unwrap();
-    }
-
-    fn set_bootid(s: &Store, id: u64, bootid: &str) {
-        let bootid = bootid.to_string();
-        assert!(s
-            .modify(move |t| t.db.set_bootid(id, Some(bootid)))
-            .unwrap());
-    }
-
-    fn bootid(s: &Store, id: u64) -> Option<String> {
-        s.snapshot().unwrap().get(id).unwrap().bootid
-    }
-
-    fn journal_lines(dir: &Path) -> Vec<serde_json::Value> {
-        fs::read_to_string(dir.join(".known_hosts.json.bootids"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
     }
 
     #[test]
-    fn bootid_only_commits_append_to_the_journal_and_other_stores_see_them() {
-        let dir = temp_root("journal");
-        let path = dir.join("known_hosts.json");
+    fn runtime_facts_are_appended_and_never_rewrite_the_database() {
+        let dir = temp_root("append");
         let s = store(&dir);
         hosts_in_install(&s, 3);
-        let other = store(&dir);
-        assert_eq!(bootid(&other, 2), None);
-        let before = fs::metadata(&path).unwrap();
-        let text = fs::read(&path).unwrap();
-        set_bootid(&s, 2, "b2-first");
-        set_bootid(&s, 2, "b2-second");
-        set_bootid(&s, 3, "b3");
-        let after = fs::metadata(&path).unwrap();
-        assert_eq!(after.ino(), before.ino(), "the file was not replaced");
-        assert_eq!(
-            (after.mtime(), after.mtime_nsec()),
-            (before.mtime(), before.mtime_nsec())
-        );
-        assert_eq!(fs::read(&path).unwrap(), text);
-        let lines = journal_lines(&dir);
-        assert_eq!(lines.len(), 3);
-        assert_eq!(
-            lines[0],
-            serde_json::json!({"file": before.ino(), "id": 2, "bootid": "b2-first"})
-        );
-        // Another store (as another process) sees the bootids, having read
-        // the file before: it applies only the new lines.
-        assert_eq!(bootid(&other, 2).as_deref(), Some("b2-second"));
-        assert_eq!(bootid(&other, 3).as_deref(), Some("b3"));
-        assert_eq!(bootid(&s, 2).as_deref(), Some("b2-second"));
-        // A cleared bootid is a null line; a fresh store sees it too.
-        assert!(s.modify(|t| t.db.set_bootid(3, None)).unwrap());
-        assert_eq!(journal_lines(&dir)[3]["bootid"], serde_json::Value::Null);
-        assert_eq!(bootid(&store(&dir), 3), None);
-        assert_eq!(bootid(&other, 3), None);
-        assert_eq!(fs::metadata(&path).unwrap().ino(), before.ino());
-        // The file with the journal folded in, for tools that read it.
-        let folded = read_json(&path).unwrap();
-        assert_eq!(folded[1]["bootid"], "b2-second");
-        assert_eq!(folded[2]["bootid"], serde_json::Value::Null);
-        let raw: serde_json::Value = serde_json::from_slice(&text).unwrap();
-        assert_eq!(raw[1]["bootid"], serde_json::Value::Null);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_full_rewrite_folds_the_journal_into_the_file_and_empties_it() {
-        let dir = temp_root("fold");
         let path = dir.join("known_hosts.json");
-        let s = store(&dir);
-        hosts_in_install(&s, 2);
-        set_bootid(&s, 1, "b1");
-        assert_eq!(journal_lines(&dir).len(), 1);
-        let other = store(&dir);
-        assert_eq!(bootid(&other, 1).as_deref(), Some("b1"));
+        let before = fs::read(&path).unwrap();
         let ino = fs::metadata(&path).unwrap().ino();
-        s.modify(|t| t.db.update(2, |h| h.hostname = "web2".into()))
-            .unwrap()
+        let other = store(&dir);
+        assert_eq!(bootid(&other, 1), None);
+        set_bootid(&s, 1, "b1");
+        set_bootid(&s, 2, "b2");
+        s.modify(|t| t.update_runtime(1, |rt| rt.bootid = None))
             .unwrap();
-        assert_ne!(fs::metadata(&path).unwrap().ino(), ino);
-        assert!(journal_lines(&dir).is_empty(), "journal emptied");
-        let text = fs::read_to_string(&path).unwrap();
-        assert!(text.contains("\"bootid\": \"b1\""), "{text}");
-        // Both stores, and a fresh one, still see the bootid.
-        for st in [&s, &other, &store(&dir)] {
-            assert_eq!(bootid(st, 1).as_deref(), Some("b1"));
-            assert_eq!(st.snapshot().unwrap().get(2).unwrap().hostname, "web2");
+        assert_eq!(fs::read(&path).unwrap(), before, "file untouched");
+        assert_eq!(fs::metadata(&path).unwrap().ino(), ino);
+        let lines = log_lines(&dir);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0], serde_json::json!({"id": 1, "bootid": "b1"}));
+        assert_eq!(lines[2], serde_json::json!({"id": 1, "bootid": null}));
+        // Another store (another process) sees every fact.
+        assert_eq!(bootid(&other, 1), None);
+        assert_eq!(bootid(&other, 2).as_deref(), Some("b2"));
+        set_bootid(&other, 3, "b3");
+        assert_eq!(bootid(&s, 3).as_deref(), Some("b3"));
+        // Tools that read the files see the bootids too.
+        let v = read_json(&path).unwrap();
+        assert_eq!(v[1]["bootid"], "b2");
+        assert_eq!(v[0]["bootid"], serde_json::Value::Null);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Issue 9: a reader loaded `known_hosts.json` and then the bootid
+    /// journal, which a full rewrite in between had emptied, so another
+    /// process refused a bootid that had just been issued. A rewrite of the
+    /// database now never touches the runtime log.
+    #[test]
+    fn regression_a_rewrite_never_hides_a_fresh_bootid_from_another_process() {
+        let dir = temp_root("fresh");
+        let writer = store(&dir);
+        hosts_in_install(&writer, 4);
+        let reader = store(&dir);
+        for round in 0..200 {
+            let b = format!("r{round}");
+            set_bootid(&writer, 1 + round % 4, &b);
+            // A full rewrite right after, as `kiwispray-hosts set` does.
+            writer
+                .modify(move |t| t.db.update(2, |h| h.hostname = format!("h{round}")))
+                .unwrap();
+            assert_eq!(bootid(&reader, 1 + round % 4).as_deref(), Some(b.as_str()));
         }
-        // Appends go on against the new file.
-        set_bootid(&other, 2, "b2");
-        let lines = journal_lines(&dir);
-        assert_eq!(lines.len(), 1);
-        assert_eq!(lines[0]["file"], fs::metadata(&path).unwrap().ino());
-        assert_eq!(bootid(&s, 2).as_deref(), Some("b2"));
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn journal_lines_for_an_older_file_are_ignored() {
-        let dir = temp_root("stale");
-        let path = dir.join("known_hosts.json");
-        let s = store(&dir);
-        hosts_in_install(&s, 2);
-        set_bootid(&s, 1, "from-journal");
-        assert_eq!(bootid(&s, 1).as_deref(), Some("from-journal"));
-        // Someone replaces the file from outside, as it was on disk
-        // (without the journal's bootid).
-        let text = fs::read_to_string(&path).unwrap();
-        let tmp = dir.join("edit.tmp");
-        fs::write(&tmp, text.replace("SN2", "SN2-edited")).unwrap();
-        fs::rename(&tmp, &path).unwrap();
-        assert_eq!(journal_lines(&dir).len(), 1, "the old line is still there");
-        for st in [&s, &store(&dir)] {
-            let db = st.snapshot().unwrap();
-            assert_eq!(db.get(1).unwrap().bootid, None, "stale line ignored");
-            assert_eq!(db.get(2).unwrap().serial, "SN2-edited");
-        }
-        // The next bootid does not go after the stale line: the file is
-        // rewritten and the journal emptied.
-        let ino = fs::metadata(&path).unwrap().ino();
-        set_bootid(&s, 2, "b2");
-        assert_ne!(fs::metadata(&path).unwrap().ino(), ino);
-        assert!(journal_lines(&dir).is_empty());
-        assert_eq!(bootid(&store(&dir), 2).as_deref(), Some("b2"));
-        assert_eq!(bootid(&store(&dir), 1), None);
-        // From then on bootids are appended again.
-        set_bootid(&s, 1, "b1");
-        assert_eq!(journal_lines(&dir).len(), 1);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_torn_last_line_is_ignored_and_folded_away() {
+    fn a_torn_last_line_is_ignored_and_cut_off_by_the_next_writer() {
         let dir = temp_root("torn");
-        let path = dir.join("known_hosts.json");
-        let journal = dir.join(".known_hosts.json.bootids");
         let s = store(&dir);
         hosts_in_install(&s, 2);
         set_bootid(&s, 1, "b1");
-        // A crash in the middle of an append leaves half a line.
-        let ino = fs::metadata(&path).unwrap().ino();
-        let mut f = OpenOptions::new().append(true).open(&journal).unwrap();
-        write!(f, "{{\"file\":{ino},\"id\":2,\"boo").unwrap();
+        let log = dir.join(".known_hosts.json.runtime");
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(b"{\"id\":2,\"bootid\":\"b").unwrap();
         drop(f);
-        for st in [&s, &store(&dir)] {
-            assert_eq!(bootid(st, 1).as_deref(), Some("b1"));
-            assert_eq!(bootid(st, 2), None);
-        }
-        // The next bootid is not appended after the torn line: the file
-        // is rewritten with every bootid and the journal emptied.
-        set_bootid(&s, 2, "b2");
-        assert_ne!(fs::metadata(&path).unwrap().ino(), ino);
-        assert_eq!(fs::metadata(&journal).unwrap().len(), 0);
         let fresh = store(&dir);
         assert_eq!(bootid(&fresh, 1).as_deref(), Some("b1"));
-        assert_eq!(bootid(&fresh, 2).as_deref(), Some("b2"));
+        assert_eq!(bootid(&fresh, 2), None);
+        set_bootid(&fresh, 2, "b2");
+        assert_eq!(log_lines(&dir).len(), 2, "the torn line is gone");
+        assert_eq!(bootid(&store(&dir), 2).as_deref(), Some("b2"));
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn a_corrupt_journal_line_is_reported_and_never_removed() {
-        let dir = temp_root("badjournal");
-        let path = dir.join("known_hosts.json");
-        let journal = dir.join(".known_hosts.json.bootids");
+    fn a_corrupt_log_line_is_reported_and_never_removed() {
+        let dir = temp_root("badlog");
         let s = store(&dir);
-        hosts_in_install(&s, 2);
+        hosts_in_install(&s, 1);
         set_bootid(&s, 1, "b1");
-        let ino = fs::metadata(&path).unwrap().ino();
-        let mut f = OpenOptions::new().append(true).open(&journal).unwrap();
-        writeln!(f, "{{\"file\":{ino},\"id\":\"two\",\"bootid\":null}}").unwrap();
-        writeln!(f, "{{\"file\":{ino},\"id\":2,\"bootid\":\"b2\"}}").unwrap();
+        let log = dir.join(".known_hosts.json.runtime");
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(b"{\"id\": oops}\n").unwrap();
         drop(f);
-        let bad = fs::read(&journal).unwrap();
-        let db_text = fs::read(&path).unwrap();
+        let bad = fs::read(&log).unwrap();
         for st in [&s, &store(&dir)] {
-            let err = st.snapshot().unwrap_err();
-            match &err {
-                StoreError::Corrupt {
-                    path, line, column, ..
-                } => {
-                    assert_eq!(path, &journal);
-                    assert_eq!(*line, 2);
-                    assert!(*column > 1, "{err}");
+            match st.snapshot().unwrap_err() {
+                StoreError::Corrupt { path, line, .. } => {
+                    assert_eq!(path, log);
+                    assert_eq!(line, 2);
                 }
                 other => panic!("{other}"),
             }
-            assert!(err.to_string().contains(".known_hosts.json.bootids"));
-            // Neither a bootid nor any other change is written.
-            let e = st
-                .modify(|t| t.db.update(2, |h| h.hostname = "x".into()))
-                .unwrap_err();
-            assert!(matches!(e, StoreError::Corrupt { .. }));
-            assert!(st.modify(|t| t.db.set_bootid(2, None)).is_err());
         }
-        assert_eq!(fs::read(&journal).unwrap(), bad);
-        assert_eq!(fs::read(&path).unwrap(), db_text);
-        // Once fixed, the store recovers and reads both lines.
-        let fixed = String::from_utf8(bad).unwrap().replace("\"two\"", "2");
-        fs::write(&journal, fixed).unwrap();
-        assert_eq!(bootid(&s, 2).as_deref(), Some("b2"));
+        assert!(s
+            .modify(|t| t.update_runtime(1, |rt| rt.bootid = None))
+            .is_err());
+        assert_eq!(fs::read(&log).unwrap(), bad);
+        // Once fixed by hand, the store goes on.
+        let fixed: Vec<u8> = bad.split(|b| *b == b'\n').next().unwrap().to_vec();
+        fs::write(&log, [fixed, b"\n".to_vec()].concat()).unwrap();
+        assert_eq!(bootid(&s, 1).as_deref(), Some("b1"));
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn a_long_journal_is_folded_into_the_file() {
-        let dir = temp_root("long");
-        let path = dir.join("known_hosts.json");
-        let journal = dir.join(".known_hosts.json.bootids");
+    fn a_long_log_is_compacted_and_followers_see_every_fact() {
+        let dir = temp_root("compact");
+        let s = store(&dir);
+        hosts_in_install(&s, 8);
+        let follower = store(&dir);
+        assert_eq!(bootid(&follower, 1), None);
+        let log = dir.join(".known_hosts.json.runtime");
+        set_bootid(&s, 1, "first");
+        let ino = fs::metadata(&log).unwrap().ino();
+        let mut n = 0u64;
+        while fs::metadata(&log).unwrap().ino() == ino {
+            let id = 1 + n % 8;
+            set_bootid(&s, id, &format!("{n:064x}"));
+            n += 1;
+            assert!(n < 100_000, "never compacted");
+        }
+        assert!(n > 1000, "compacted early, at {n} lines");
+        // Compacted: one line per host.
+        assert!(log_lines(&dir).len() <= 8 + 64);
+        for id in 1..=8u64 {
+            let last = (0..n).rev().find(|k| 1 + k % 8 == id).unwrap();
+            assert_eq!(bootid(&follower, id), Some(format!("{last:064x}")));
+            assert_eq!(bootid(&store(&dir), id), Some(format!("{last:064x}")));
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_removed_hosts_id_is_not_reused_while_its_facts_remain() {
+        let dir = temp_root("ids");
         let s = store(&dir);
         hosts_in_install(&s, 2);
-        let ino = fs::metadata(&path).unwrap().ino();
-        // Lines as if many boots happened: enough to pass the limit.
-        let mut text = String::new();
-        let mut n = 0;
-        while text.len() < JOURNAL_MIN_FOLD as usize {
-            text.push_str(&format!(
-                "{{\"file\":{ino},\"id\":1,\"bootid\":\"{n:032x}\"}}\n"
-            ));
-            n += 1;
-        }
-        fs::write(&journal, text).unwrap();
-        assert_eq!(bootid(&s, 1), Some(format!("{:032x}", n - 1)));
         set_bootid(&s, 2, "b2");
-        assert_ne!(fs::metadata(&path).unwrap().ino(), ino, "folded");
-        assert_eq!(fs::metadata(&journal).unwrap().len(), 0);
-        let fresh = store(&dir);
-        assert_eq!(bootid(&fresh, 1), Some(format!("{:032x}", n - 1)));
-        assert_eq!(bootid(&fresh, 2).as_deref(), Some("b2"));
+        // Removed through the store: its facts go with it.
+        s.modify(|t| t.remove_host(2)).unwrap();
+        assert!(s.snapshot().unwrap().rt.is_empty());
+        assert_eq!(s.modify(|t| t.next_id()).unwrap(), 2);
+        // Removed by hand from the file: its facts remain, so the id is
+        // skipped.
+        set_bootid(&s, 1, "b1");
+        fs::write(dir.join("known_hosts.json"), "[]").unwrap();
+        assert_eq!(s.modify(|t| t.next_id()).unwrap(), 2);
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn concurrent_bootid_and_full_writes_lose_nothing() {
+    fn an_earlier_versions_bootids_are_moved_to_the_log() {
+        let dir = temp_root("migrate");
+        let path = dir.join("known_hosts.json");
+        fs::write(
+            &path,
+            r#"[{"id": 1, "state": "img", "bootid": "old1", "rack": "R1"},
+                {"id": 2, "state": "img", "bootid": "old2"},
+                {"id": 3, "state": "new", "bootid": null}]"#,
+        )
+        .unwrap();
+        let ino = fs::metadata(&path).unwrap().ino();
+        // The journal of that version: a newer bootid for host 2, and a
+        // line for a file that is gone.
+        fs::write(
+            dir.join(".known_hosts.json.bootids"),
+            format!(
+                "{{\"file\":{ino},\"id\":2,\"bootid\":\"new2\"}}\n{{\"file\":1,\"id\":1,\"bootid\":\"stale\"}}\n"
+            ),
+        )
+        .unwrap();
+        let s = store(&dir);
+        assert_eq!(s.migrate().unwrap(), 2);
+        assert_eq!(bootid(&s, 1).as_deref(), Some("old1"));
+        assert_eq!(bootid(&s, 2).as_deref(), Some("new2"));
+        assert_eq!(bootid(&s, 3), None);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("bootid"), "{text}");
+        assert!(text.contains("\"rack\": \"R1\""), "{text}");
+        assert!(!dir.join(".known_hosts.json.bootids").exists());
+        assert_eq!(store(&dir).migrate().unwrap(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_runtime_and_full_writes_lose_nothing() {
         let dir = temp_root("mixed");
         let stores: Vec<Arc<Store>> = (0..3).map(|_| Arc::new(store(&dir))).collect();
         hosts_in_install(&stores[0], 12);
@@ -1330,7 +1441,7 @@ mod tests {
                     }
                     if round % 7 == 0 {
                         s.modify(|txn| {
-                            let new = txn.db.next_id();
+                            let new = txn.next_id();
                             txn.db.insert(Host::new(new, &[], "", "", "new")).unwrap();
                         })
                         .unwrap();
@@ -1341,19 +1452,31 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let path = dir.join("known_hosts.json");
-        let on_disk = Database::parse(&fs::read(&path).unwrap(), Default::default()).unwrap();
         for st in stores.iter().map(|s| s.as_ref()).chain([&store(&dir)]) {
             let db = st.snapshot().unwrap();
             assert_eq!(db.len(), 12 + 12 * 3);
             for t in 0..12u64 {
                 let h = db.get(t + 1).unwrap();
-                assert_eq!(h.bootid, Some(format!("t{t}-r14")), "host {}", t + 1);
+                assert_eq!(
+                    db.runtime(t + 1).bootid,
+                    Some(format!("t{t}-r14")),
+                    "host {}",
+                    t + 1
+                );
                 assert_eq!(h.hostname, format!("h{t}-14"));
-                // The file holds the hostnames; the journal the rest.
-                assert_eq!(on_disk.get(t + 1).unwrap().hostname, h.hostname);
             }
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn queued_changes_are_committed_before_the_store_goes() {
+        let dir = temp_root("later");
+        let s = store(&dir);
+        hosts_in_install(&s, 1);
+        s.modify_later(|t| t.update_runtime(1, |rt| rt.bootid = Some("later".into())));
+        drop(s);
+        assert_eq!(bootid(&store(&dir), 1).as_deref(), Some("later"));
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1377,25 +1500,21 @@ mod tests {
         }
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
         let _ = fs::remove_file(dir.join(".known_hosts.json.lock"));
-        // A bootid goes to the journal, a state change rewrites the file.
-        s.modify(|t| t.db.set_bootid(1, Some("b1".into()))).unwrap();
+        // A bootid goes to the log, a state change rewrites the file.
+        set_bootid(&s, 1, "b1");
         s.modify(|t| t.db.update(1, |h| h.state = "finished".into()))
             .unwrap();
-        for name in ["known_hosts.json", ".known_hosts.json.lock"] {
+        for name in [
+            "known_hosts.json",
+            ".known_hosts.json.lock",
+            ".known_hosts.json.runtime",
+        ] {
             let m = fs::metadata(dir.join(name)).unwrap();
             assert_eq!((m.uid(), m.gid()), (uid, gid), "{name}");
         }
         let fresh = store(&dir);
-        s.modify(|t| t.db.set_bootid(1, Some("b2".into()))).unwrap();
-        let journal = dir.join(".known_hosts.json.bootids");
-        if journal.exists() {
-            let m = fs::metadata(&journal).unwrap();
-            assert_eq!((m.uid(), m.gid()), (uid, gid), "journal");
-        }
-        assert_eq!(
-            fresh.snapshot().unwrap().get(1).unwrap().bootid.as_deref(),
-            Some("b2")
-        );
+        set_bootid(&s, 1, "b2");
+        assert_eq!(bootid(&fresh, 1).as_deref(), Some("b2"));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -798,6 +798,11 @@ fn render_errors_and_unbootable_hosts() {
         "{}",
         run.stdout
     );
+    // Issue 9: the post-install preview built a path from the state
+    // unchecked and printed a file from outside the root.
+    r.run(&["render", "1", "--post-install"])
+        .fails(2, "not a safe name");
+    fs::write(r.db_path(), text.replace("ghost", "img")).unwrap();
     fs::write(
         r.path().join("templates/post_install.tmpl"),
         "x @id|html@\n",

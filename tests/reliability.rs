@@ -14,9 +14,9 @@
 mod common;
 
 use common::{repo, Stack, TempDir};
-use kiwispray::hosts::{Database, Key};
+use kiwispray::hosts::Key;
 use kiwispray::identity::Mac;
-use kiwispray::store::Store;
+use kiwispray::store::{Snapshot, Store};
 use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
@@ -282,9 +282,9 @@ impl Drop for Handler {
     }
 }
 
-/// The database as the service sees it: `known_hosts.json` and the bootid
-/// journal beside it.
-fn load_db(root: &Path) -> Database {
+/// The database as the service sees it: `known_hosts.json` and the runtime
+/// log beside it.
+fn load_db(root: &Path) -> Snapshot {
     let store = Store::new(
         root.join("known_hosts.json"),
         root.join("events.jsonl"),
@@ -1097,6 +1097,12 @@ fn hostile_http_through_nginx_gets_4xx_and_slow_clients_do_not_block() {
 #[test]
 fn bootid_is_random_per_boot_and_used_up_by_finish() {
     let root = root_with_hosts("bootid", 30);
+    // 20 install boots in a row: above the loop breaker's default.
+    fs::write(
+        root.path().join("kiwispray.json"),
+        r#"{"max_install_boots": 100}"#,
+    )
+    .unwrap();
     let h = Handler::start(root.path(), &root.path().join("fcgi.sock"), &[]);
     // Host 10 is in state image1 (gen-hosts.sh).
     let query = b"net0=0c-c4-7a-00-00-0a&net1=ac-1f-6b-00-00-0a";
@@ -1106,7 +1112,7 @@ fn bootid_is_random_per_boot_and_used_up_by_finish() {
         let a = fcgi_get(&h.sock, "/bootstrap", query).unwrap().unwrap();
         assert_eq!(a.status, 200, "{}", a.body);
         let db = load_db(root.path());
-        let bootid = db.get(10).unwrap().bootid.clone().expect("a bootid");
+        let bootid = db.runtime(10).bootid.clone().expect("a bootid");
         assert_eq!(bootid.len(), 32);
         assert!(bootid
             .bytes()
@@ -1163,7 +1169,7 @@ fn bootid_is_random_per_boot_and_used_up_by_finish() {
     .unwrap()
     .unwrap();
     assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(load_db(root.path()).get(10).unwrap().bootid, None);
+    assert_eq!(load_db(root.path()).runtime(10).bootid, None);
     // Used up: neither /finish nor /post-install accepts it again.
     for path in ["/finish", "/post-install"] {
         let a = fcgi_get(&h.sock, path, format!("id=10&bootid={last}").as_bytes())
@@ -1212,12 +1218,7 @@ fn shell_filtered_values_cannot_inject_commands() {
     .unwrap();
     let h = Handler::start(root.path(), &root.path().join("fcgi.sock"), &[]);
     fcgi_get(&h.sock, "/bootstrap", b"net0=0c-c4-7a-00-00-0a").unwrap();
-    let bootid = load_db(root.path())
-        .get(10)
-        .unwrap()
-        .bootid
-        .clone()
-        .unwrap();
+    let bootid = load_db(root.path()).runtime(10).bootid.clone().unwrap();
     let a = fcgi_get(
         &h.sock,
         "/post-install",

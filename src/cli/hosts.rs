@@ -1,18 +1,20 @@
 //! The host-database commands of `kiwispray-hosts`: `list`, `show`, `add`,
-//! `set`, `remove` and `history`. Input is validated completely before the
+//! `set`, `remove`, `release` and `history`. Input is validated completely before the
 //! store is touched; the change itself is decided again under the store's
 //! lock (another writer may have changed the database in between), saved
 //! atomically and recorded in the event log with cause `cli`.
 
 use super::{
-    json_text, out, AddArgs, Ctx, Error, Exit, HistoryArgs, ListArgs, RemoveArgs, Result, SetArgs,
-    ShowArgs,
+    json_text, out, AddArgs, Ctx, Error, Exit, HistoryArgs, ListArgs, ReleaseArgs, RemoveArgs,
+    Result, SetArgs, ShowArgs,
 };
-use crate::events::{self, Event};
+use crate::events::{self, rfc3339_secs, Event};
 use crate::hosts::{
     Database, Host, Key, HOSTNAME_NOT_SET, STATE_DISCOVER, STATE_FINISHED, STATE_NEW,
 };
 use crate::identity::{canonical_uuid, Mac};
+use crate::lifecycle::{self, NextBoot};
+use crate::runtime::{self, human_duration, HostRuntime};
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -243,38 +245,164 @@ fn cell(s: &str) -> String {
     }
 }
 
+/// A host's runtime facts as `--json` shows them: attempts, hold and last
+/// seen with RFC 3339 times; never the bootid.
+pub fn runtime_json(host: &Host, rt: &HostRuntime, now: u64) -> Value {
+    let installing = lifecycle::installing(host, rt);
+    let attempts: Vec<Value> = rt
+        .attempts
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "n": a.n,
+                "state": a.state,
+                "digest": a.digest,
+                "started": rfc3339_secs(a.started),
+                "ended": a.ended.map(rfc3339_secs),
+                "outcome": a.outcome.map(|o| o.as_str()),
+                "reason": a.reason,
+                "seconds": a.elapsed(now),
+                "deadline_minutes": a.deadline_minutes,
+                "overdue": a.is_overdue(now) && installing,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "installing": installing,
+        "overdue": overdue_attempt(host, rt, now).is_some(),
+        "held": rt.hold.as_ref().map(|h| serde_json::json!({
+            "cause": h.cause.as_str(),
+            "since": rfc3339_secs(h.since),
+            "reason": h.reason,
+        })),
+        "last_seen": rt.seen.as_ref().map(|s| serde_json::json!({
+            "at": rfc3339_secs(s.at),
+            "platform": s.platform,
+            "remote": s.remote,
+        })),
+        "attempts": attempts,
+    })
+}
+
+/// A host as `--json` shows it: its configuration plus `runtime`.
+pub fn host_json(host: &Host, rt: &HostRuntime, now: u64) -> Value {
+    let mut v = host.to_value();
+    if let Value::Object(m) = &mut v {
+        m.insert("runtime".into(), runtime_json(host, rt, now));
+    }
+    v
+}
+
+/// The open attempt of a host being installed, if it is overdue.
+pub fn overdue_attempt<'a>(
+    host: &Host,
+    rt: &'a HostRuntime,
+    now: u64,
+) -> Option<&'a runtime::Attempt> {
+    if !lifecycle::installing(host, rt) {
+        return None;
+    }
+    rt.open_attempt()
+        .filter(|a| a.state == host.current_state() && a.is_overdue(now))
+}
+
+/// One short word or phrase for `list`: held, overdue, installing.
+pub fn status(host: &Host, rt: &HostRuntime, now: u64) -> String {
+    if let Some(h) = &rt.hold {
+        return format!(
+            "HELD ({}) {}",
+            h.cause.as_str(),
+            human_duration(now.saturating_sub(h.since))
+        );
+    }
+    if let Some(a) = overdue_attempt(host, rt, now) {
+        return format!(
+            "OVERDUE {} (attempt {}, deadline {} min)",
+            human_duration(a.elapsed(now)),
+            a.n,
+            a.deadline_minutes
+        );
+    }
+    if lifecycle::installing(host, rt) {
+        if let Some(a) = rt.open_attempt() {
+            return format!(
+                "installing {} (attempt {})",
+                human_duration(a.elapsed(now)),
+                a.n
+            );
+        }
+        return "installing".into();
+    }
+    "-".into()
+}
+
+/// "3 min ago (efi)" for `list -v` and `show`.
+fn seen_text(rt: &HostRuntime, now: u64) -> String {
+    match &rt.seen {
+        None => "-".into(),
+        Some(s) => {
+            let mut t = format!("{} ago", human_duration(now.saturating_sub(s.at)));
+            if !s.platform.is_empty() {
+                t.push_str(&format!(" ({})", cell(&s.platform)));
+            }
+            t
+        }
+    }
+}
+
 pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<Exit> {
-    let db = ctx.store().snapshot()?;
-    let hosts: Vec<Host> = db
+    let snap = ctx.store().snapshot()?;
+    let now = runtime::now();
+    let (held, overdue, state) = match a.state.as_deref() {
+        Some("held") => (true, a.overdue, None),
+        Some("overdue") => (a.held, true, None),
+        s => (a.held, a.overdue, s),
+    };
+    let hosts: Vec<Host> = snap
         .hosts()
-        .filter(|h| a.state.as_deref().is_none_or(|s| h.current_state() == s))
+        .filter(|h| state.is_none_or(|s| h.current_state() == s))
+        .filter(|h| !held || snap.runtime(h.id).hold.is_some())
+        .filter(|h| !overdue || overdue_attempt(h, snap.runtime(h.id), now).is_some())
         .collect();
     if a.json {
-        let v: Vec<Value> = hosts.iter().map(|h| h.to_value()).collect();
+        let v: Vec<Value> = hosts
+            .iter()
+            .map(|h| host_json(h, snap.runtime(h.id), now))
+            .collect();
         out(&json_text(&Value::Array(v)))?;
         return Ok(Exit::Ok);
     }
     let mut rows = vec![if a.verbose {
         [
-            "ID", "HOSTNAME", "STATE", "SERIAL", "UUID", "BOOTID", "MACS", "METADATA",
+            "ID",
+            "HOSTNAME",
+            "STATE",
+            "STATUS",
+            "SERIAL",
+            "UUID",
+            "LAST SEEN",
+            "MACS",
+            "METADATA",
         ]
         .map(String::from)
         .to_vec()
     } else {
-        ["ID", "HOSTNAME", "STATE", "SERIAL", "MACS"]
+        ["ID", "HOSTNAME", "STATE", "STATUS", "SERIAL", "MACS"]
             .map(String::from)
             .to_vec()
     }];
     for h in hosts {
+        let rt = snap.runtime(h.id);
         let macs: Vec<String> = h.macs.split_whitespace().map(String::from).collect();
         if a.verbose {
             rows.push(vec![
                 h.id.to_string(),
                 cell(&h.hostname),
                 cell(&h.state),
+                status(&h, rt, now),
                 cell(&h.serial),
                 cell(&h.uuid),
-                cell(h.bootid.as_deref().unwrap_or("")),
+                seen_text(rt, now),
                 cell(&macs.join(",")),
                 if h.metadata.is_empty() {
                     "-".into()
@@ -292,6 +420,7 @@ pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<Exit> {
                 h.id.to_string(),
                 cell(&h.hostname),
                 cell(&h.state),
+                status(&h, rt, now),
                 cell(&h.serial),
                 m,
             ]);
@@ -328,8 +457,13 @@ fn event_line(e: &Event) -> String {
     } else {
         format!(" from {}", cell(&e.remote))
     };
+    let detail = if e.detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", cell(&e.detail))
+    };
     format!(
-        "{}  host {}  {:<12} {change}{remote}",
+        "{}  host {}  {:<12} {change}{remote}{detail}",
         e.time, e.host, e.cause
     )
 }
@@ -339,6 +473,8 @@ pub fn show(ctx: &Ctx, a: &ShowArgs) -> Result<Exit> {
     let db = store.snapshot()?;
     let id = resolve(&db, &a.host)?;
     let host = db.get(id).expect("resolved");
+    let rt = db.runtime(id);
+    let now = runtime::now();
     let (events, _) = events::read(store.events_path(), Some(id)).map_err(|e| {
         Error::io(format!(
             "cannot read {}: {e}",
@@ -348,7 +484,7 @@ pub fn show(ctx: &Ctx, a: &ShowArgs) -> Result<Exit> {
     let recent = &events[events.len().saturating_sub(a.events)..];
     if a.json {
         out(&json_text(
-            &serde_json::json!({ "host": host.to_value(), "events": recent }),
+            &serde_json::json!({ "host": host_json(&host, rt, now), "events": recent }),
         ))?;
         return Ok(Exit::Ok);
     }
@@ -356,23 +492,35 @@ pub fn show(ctx: &Ctx, a: &ShowArgs) -> Result<Exit> {
     s.push_str(&format!("id:        {}\n", host.id));
     s.push_str(&format!("hostname:  {}\n", cell(&host.hostname)));
     s.push_str(&format!("state:     {}", cell(&host.state)));
-    let next = match crate::lifecycle::next_boot(&host.state) {
-        crate::lifecycle::NextBoot::Wait => "waits for an operator".to_string(),
-        crate::lifecycle::NextBoot::LocalDisk => "boots its local disk".to_string(),
-        crate::lifecycle::NextBoot::Install(s) => format!("installs {s}"),
-        crate::lifecycle::NextBoot::Refuse(r) => format!("cannot boot: {r}"),
+    let next = match lifecycle::next_boot(&host.state) {
+        NextBoot::Wait => "waits for an operator".to_string(),
+        NextBoot::LocalDisk => "boots its local disk".to_string(),
+        NextBoot::Install(_) if rt.hold.is_some() => "held: installs nothing".to_string(),
+        NextBoot::Install(s) => format!("installs {s}"),
+        NextBoot::Refuse(r) => format!("cannot boot: {r}"),
     };
     s.push_str(&format!("  (next boot: {next})\n"));
     s.push_str(&format!("macs:      {}\n", cell(&host.macs)));
     s.push_str(&format!("serial:    {}\n", cell(&host.serial)));
     s.push_str(&format!("uuid:      {}\n", cell(&host.uuid)));
-    s.push_str(&format!(
-        "bootid:    {}\n",
-        match &host.bootid {
-            Some(b) if !b.is_empty() => format!("{b} (installing)"),
-            _ => "-".into(),
+    s.push_str(&format!("status:    {}\n", status(&host, rt, now)));
+    if let Some(hold) = &rt.hold {
+        s.push_str(&format!(
+            "hold:      {} since {} ({} ago): {}\n           release with: kiwispray-hosts release {}\n",
+            hold.cause.as_str(),
+            rfc3339_secs(hold.since),
+            human_duration(now.saturating_sub(hold.since)),
+            cell(&hold.reason),
+            host.id
+        ));
+    }
+    s.push_str(&format!("last seen: {}", seen_text(rt, now)));
+    match &rt.seen {
+        Some(seen) if !seen.remote.is_empty() => {
+            s.push_str(&format!(" from {}\n", cell(&seen.remote)))
         }
-    ));
+        _ => s.push('\n'),
+    }
     for (k, v) in &host.extra {
         s.push_str(&format!("{k}: {v}\n"));
     }
@@ -381,6 +529,33 @@ pub fn show(ctx: &Ctx, a: &ShowArgs) -> Result<Exit> {
     } else {
         s.push_str("metadata:\n");
         tree(&mut s, &host.metadata, 0);
+    }
+    if rt.attempts.is_empty() {
+        s.push_str("attempts:  -\n");
+    } else {
+        s.push_str("attempts:\n");
+        for at in &rt.attempts {
+            let outcome = match (at.outcome, overdue_attempt(&host, rt, now)) {
+                (Some(o), _) => o.as_str().to_string(),
+                (None, Some(o)) if o.n == at.n => "OVERDUE".to_string(),
+                (None, _) => "in progress".to_string(),
+            };
+            s.push_str(&format!(
+                "  {:>3}  {}  {}  {} after {} (deadline {} min){}{}\n",
+                at.n,
+                rfc3339_secs(at.started),
+                cell(&at.state),
+                outcome,
+                human_duration(at.elapsed(now)),
+                at.deadline_minutes,
+                at.digest
+                    .as_deref()
+                    .map_or(String::new(), |d| format!(", image {d}")),
+                at.reason
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(": {}", cell(r)))
+            ));
+        }
     }
     if recent.is_empty() {
         s.push_str("events:    -\n");
@@ -459,7 +634,7 @@ pub fn add(ctx: &Ctx, a: &AddArgs) -> Result<Exit> {
     let host = store.modify(move |txn| -> Result<Host> {
         let keys = crate::hosts::keys_of(&probe, txn.db.placeholders());
         check_keys_free(&txn.db, &keys, None)?;
-        let id = txn.db.next_id();
+        let id = txn.next_id();
         let mut host = Host::new(id, &macs, &serial, &uuid, &state);
         host.hostname = hostname;
         host.metadata = metadata;
@@ -492,9 +667,6 @@ impl Edit {
         if let Some(s) = &self.state {
             if *s != h.state {
                 h.state = s.clone();
-                // A new intent: the installer of the old state may no
-                // longer report.
-                h.bootid = None;
             }
         }
         if let Some(n) = &self.hostname {
@@ -584,8 +756,22 @@ pub fn set(ctx: &Ctx, a: &SetArgs) -> Result<Exit> {
             return Err(Error::usage(e));
         }
         let after = txn.db.get(id).expect("exists");
+        if after.state != before.state {
+            // A new intent: the installer of the old state may no longer
+            // report, and the loop count starts anew. A hold stays.
+            let now = runtime::now();
+            txn.update_runtime(id, |rt| {
+                rt.abandon_open(now, Some("state changed by an operator".into()));
+                rt.reset_count();
+            });
+        }
         if after != before {
             txn.record(Event::now(id, &before.state, &after.state, CAUSE, ""));
+        }
+        if after.state != before.state && txn.runtime(id).hold.is_some() {
+            eprintln!(
+                "kiwispray-hosts: note: host {id} is held; it installs nothing until: kiwispray-hosts release {id}"
+            );
         }
         Ok(after)
     })??;
@@ -606,8 +792,7 @@ pub fn remove(ctx: &Ctx, a: &RemoveArgs) -> Result<Exit> {
     let id = resolve(&db, &a.host)?;
     let removed = store.modify(move |txn| -> Result<Host> {
         let h = txn
-            .db
-            .remove(id)
+            .remove_host(id)
             .ok_or_else(|| Error::not_found(format!("host {id} was removed meanwhile")))?;
         txn.record(Event::now(id, &h.state, "", CAUSE, ""));
         Ok(h)
@@ -616,6 +801,51 @@ pub fn remove(ctx: &Ctx, a: &RemoveArgs) -> Result<Exit> {
         "removed host {} ({}, {})\n",
         removed.id, removed.hostname, removed.macs
     ))?;
+    Ok(Exit::Ok)
+}
+
+pub fn release(ctx: &Ctx, a: &ReleaseArgs) -> Result<Exit> {
+    let store = ctx.store();
+    let db = store.snapshot()?;
+    let mut ids = Vec::new();
+    for sel in &a.hosts {
+        let id = resolve(&db, sel)?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    drop(db);
+    let results =
+        store.modify(move |txn| -> Result<Vec<(u64, Option<runtime::Hold>)>> {
+            let mut results = Vec::new();
+            for id in ids {
+                let host = txn
+                    .db
+                    .get(id)
+                    .ok_or_else(|| Error::not_found(format!("host {id} was removed meanwhile")))?;
+                let hold =
+                    txn.update_runtime(id, |rt| rt.hold.is_some().then(|| rt.release()).flatten());
+                if let Some(h) = &hold {
+                    txn.record(
+                        Event::now(id, &host.state, &host.state, "release", "")
+                            .with_detail(format!("was held ({}): {}", h.cause.as_str(), h.reason)),
+                    );
+                }
+                results.push((id, hold));
+            }
+            Ok(results)
+        })??;
+    let mut s = String::new();
+    for (id, hold) in results {
+        match hold {
+            Some(h) => s.push_str(&format!(
+                "host {id}: released (was held: {}); its next boot installs again\n",
+                h.cause.as_str()
+            )),
+            None => s.push_str(&format!("host {id}: not held, nothing to do\n")),
+        }
+    }
+    out(&s)?;
     Ok(Exit::Ok)
 }
 

@@ -195,6 +195,16 @@ pub enum Cmd {
     Set(SetArgs),
     /// Remove a host from the database.
     Remove(RemoveArgs),
+    /// Release held hosts, so that their next boot installs again.
+    #[command(
+        long_about = "Release held hosts. A host is held when its install failed (/fail), \
+                      when it booted the installer max_install_boots times without a /finish \
+                      (a loop), or when its install ran past the deadline with hold_overdue \
+                      set. A held host keeps its state chain and installs nothing; once \
+                      released, its next boot starts a new install and the loop count starts \
+                      anew. Fix the cause first (see kiwispray-hosts show HOST)."
+    )]
+    Release(ReleaseArgs),
     /// Print what /bootstrap (or /post-install) would serve a host now.
     #[command(
         long_about = "Print exactly what /bootstrap (or, with --post-install, /post-install) \
@@ -241,12 +251,20 @@ pub enum Cmd {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    /// Also show all MACs, the UUID, the bootid and the metadata.
+    /// Also show all MACs, the UUID, when each host was last seen and
+    /// with which platform, and the metadata.
     #[arg(short, long)]
     pub verbose: bool,
-    /// Only hosts whose current state (first element of the chain) is STATE.
+    /// Only hosts whose current state (first element of the chain) is
+    /// STATE; `held` and `overdue` select held and overdue hosts.
     #[arg(long, value_name = "STATE")]
     pub state: Option<String>,
+    /// Only held hosts.
+    #[arg(long)]
+    pub held: bool,
+    /// Only hosts whose install is overdue.
+    #[arg(long)]
+    pub overdue: bool,
     /// Print a JSON array of hosts.
     #[arg(long)]
     pub json: bool,
@@ -295,8 +313,9 @@ pub struct SetArgs {
     pub host: String,
     /// New state or state chain, e.g. image1 or wipe,image1. Each element
     /// must be new, discover, finished, or have images/<S>/ or
-    /// templates/<S>.tmpl. A new state ends an install in progress: its
-    /// bootid is cleared.
+    /// templates/<S>.tmpl. A new state ends an install in progress (its
+    /// bootid is used up) and starts the loop count anew; a hold stays
+    /// until `release`.
     #[arg(long, value_name = "STATE")]
     pub state: Option<String>,
     /// New hostname.
@@ -321,6 +340,13 @@ pub struct SetArgs {
 pub struct RemoveArgs {
     /// The host: id, MAC, serial or UUID.
     pub host: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ReleaseArgs {
+    /// The hosts: ids, MACs, serials or UUIDs.
+    #[arg(required = true)]
+    pub hosts: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -532,6 +558,7 @@ fn dispatch(cli: Cli) -> Result<Exit> {
         Cmd::Add(a) => hosts::add(&ctx, &a),
         Cmd::Set(a) => hosts::set(&ctx, &a),
         Cmd::Remove(a) => hosts::remove(&ctx, &a),
+        Cmd::Release(a) => hosts::release(&ctx, &a),
         Cmd::History(a) => hosts::history(&ctx, &a),
         Cmd::Render(a) => preview::render(&ctx, &a),
         Cmd::Check(a) => check::check(&ctx, &a),
@@ -556,6 +583,8 @@ fn compat_command(
         (1..=2, None) if !edits => Ok(Cmd::List(ListArgs {
             verbose: list == 2,
             state: None,
+            held: false,
+            overdue: false,
             json: false,
         })),
         (3.., None) => Err(Error::usage("-l may be given at most twice (-ll)")),

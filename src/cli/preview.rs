@@ -82,13 +82,14 @@ pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
     let db = service.store.snapshot()?;
     let id = resolve(&db, &a.host)?;
     let host = db.get(id).expect("resolved");
+    let rt = db.runtime(id);
     let response = if a.post_install {
-        let response = match service.preview_post_install(&host, &ip, &port) {
+        let response = match service.preview_post_install(&host, rt, &ip, &port) {
             Ok(r) => r,
             Err(r) if r.status == 404 => return Err(Error::not_found(body(&r))),
             Err(r) => return Err(Error::usage(format!("host {id}: {}", body(&r)))),
         };
-        if !lifecycle::installing(&host) {
+        if !lifecycle::installing(&host, rt) {
             eprintln!(
                 "kiwispray-hosts: note: host {id} is not being installed (state {:?}, no active bootid); \
                  /post-install would refuse it now (409); this is what it gets once it is",
@@ -97,7 +98,7 @@ pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
         }
         response
     } else {
-        service.preview_boot(&host, &ip, &port)
+        service.preview_boot(&host, rt, &ip, &port)
     };
     out(&String::from_utf8_lossy(&response.body))?;
     Ok(Exit::Ok)

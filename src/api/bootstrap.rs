@@ -1,0 +1,412 @@
+//! `GET /bootstrap`: a booting machine reports its MACs, serial, UUID and
+//! platform, and gets the iPXE script of its next boot: wait (`new`), boot
+//! the local disk (`finished`), install an image, or, for a held host, an
+//! explanation and a reboot.
+//!
+//! The read-only path comes first: a known machine that waits, is finished
+//! or is held, and reports nothing new, is answered from the cached
+//! snapshot without a lock or a write. Its "last seen" time is queued for
+//! the writer at most once a minute and nobody waits for it. Everything else
+//! (a registration, new MACs, an install boot) is decided again under the
+//! store's lock by [`boot_change`], where the install-safety rules of
+//! [`lifecycle::install_decision`] run before any new attempt starts.
+
+use super::{
+    ipxe_error, ipxe_safe, list_paths, log, new_bootid, store_failure, Facts, Params, Request,
+    Response, Service,
+};
+use crate::config::Config;
+use crate::events::{rfc3339_secs, Event};
+use crate::hosts::{Host, Key, STATE_DISCOVER};
+use crate::identity::Mac;
+use crate::lifecycle::{self, Identity, InstallDecision, NextBoot, Report};
+use crate::runtime::{self, human_duration, HostRuntime, Seen};
+use crate::store::Txn;
+use serde_json::Value;
+
+/// Seconds within which a host's "last seen" time is not written again
+/// (unless its platform changed).
+pub const SEEN_RESOLUTION: u64 = 60;
+
+/// What a writing `/bootstrap` did.
+enum BootOutcome {
+    Conflict(Vec<(Key, Vec<u64>)>),
+    NoMac,
+    Host {
+        host: Host,
+        rt: Box<HostRuntime>,
+        registered: bool,
+    },
+}
+
+impl Service {
+    pub(super) fn bootstrap(&self, req: &Request, params: &Params) -> Result<Response, Response> {
+        let (report, facts) = parse_report(params)?;
+        let snap = self.snapshot()?;
+        let now = runtime::now();
+        let seen = Seen {
+            at: now,
+            platform: facts.platform.clone(),
+            remote: req.remote.clone(),
+        };
+        // The read-only path: a known machine that waits, is finished or is
+        // held, and reports nothing new, is answered without any write.
+        match lifecycle::identify(&snap, &report) {
+            Identity::Conflict(matched) => return Ok(self.conflict(req, &matched)),
+            Identity::Known(id) => {
+                let host = snap.get(id).expect("indexed host exists");
+                let rt = snap.runtime(id);
+                if lifecycle::unrecorded_macs(&host, &report).is_empty() {
+                    let read_only = match lifecycle::next_boot(&host.state) {
+                        NextBoot::Wait | NextBoot::LocalDisk | NextBoot::Refuse(_) => true,
+                        NextBoot::Install(_) => rt.hold.is_some(),
+                    };
+                    if read_only {
+                        self.note_seen(id, rt, seen);
+                        return Ok(self.boot_script(req, &host, rt, &facts));
+                    }
+                }
+            }
+            Identity::Unknown if report.macs.is_empty() => return Err(Response::error(
+                400,
+                "no valid MAC address in the request (net0..net7, dhcp_mac); nothing registered",
+            )),
+            Identity::Unknown => {}
+        }
+        drop(snap);
+        let bootid = new_bootid().map_err(|e| {
+            log(&format!("cannot read the random source: {e}"));
+            Response::error(500, format!("cannot create a bootid: {e}"))
+        })?;
+        let config = self.config.clone();
+        let outcome = self
+            .store
+            .modify(move |txn| boot_change(txn, &config, report, bootid, seen))
+            .map_err(|e| store_failure(&e))?;
+        Ok(match outcome {
+            BootOutcome::Conflict(matched) => self.conflict(req, &matched),
+            BootOutcome::NoMac => Response::error(400, "no valid MAC address in the request"),
+            BootOutcome::Host {
+                host,
+                rt,
+                registered,
+            } => {
+                if registered {
+                    log(&format!(
+                        "registered host {} (MACs {}, serial {:?}) from {} as {}",
+                        host.id, host.macs, host.serial, req.remote, host.state
+                    ));
+                }
+                self.boot_script(req, &host, &rt, &facts)
+            }
+        })
+    }
+
+    /// Queues the "last seen" time of a host answered without a write, at
+    /// most once per [`SEEN_RESOLUTION`] (or when its platform changed),
+    /// without waiting for it.
+    fn note_seen(&self, id: u64, rt: &HostRuntime, seen: Seen) {
+        let fresh = rt.seen.as_ref().is_some_and(|s| {
+            seen.at.saturating_sub(s.at) < SEEN_RESOLUTION && s.platform == seen.platform
+        });
+        if fresh {
+            return;
+        }
+        {
+            let mut queued = super::lock(&self.seen_queued);
+            match queued.get(&id) {
+                Some(at) if seen.at.saturating_sub(*at) < SEEN_RESOLUTION => return,
+                _ => {
+                    queued.insert(id, seen.at);
+                }
+            }
+        }
+        self.store.modify_later(move |txn| {
+            if txn.db.contains(id) {
+                txn.update_runtime(id, |rt| rt.seen = Some(seen));
+            }
+        });
+    }
+
+    fn conflict(&self, req: &Request, matched: &[(Key, Vec<u64>)]) -> Response {
+        let lines = lifecycle::describe_conflict(matched);
+        log(&format!(
+            "conflict: machine at {} matches several hosts: {}; nothing changed",
+            req.remote,
+            lines.join("; ")
+        ));
+        let mut msg =
+            vec!["this machine matches more than one host; nothing was changed:".to_string()];
+        msg.extend(lines);
+        msg.push("fix the hosts with kiwispray-hosts (show, set, remove)".into());
+        ipxe_error(&msg)
+    }
+
+    /// The script for a host's next boot, by its state and hold.
+    pub(super) fn boot_script(
+        &self,
+        req: &Request,
+        host: &Host,
+        rt: &HostRuntime,
+        facts: &Facts,
+    ) -> Response {
+        let tdir = self.config.templates_dir();
+        let state = host.current_state();
+        let mut ctx = self.context(req, host, rt, Some(facts));
+        let candidates = match lifecycle::next_boot(&host.state) {
+            NextBoot::Wait => vec![tdir.join("new.tmpl")],
+            NextBoot::LocalDisk => vec![tdir.join("finished.tmpl")],
+            NextBoot::Refuse(reason) => {
+                log(&format!("host {}: {reason}", host.id));
+                return ipxe_error(&[format!("host {}: {reason}", host.id)]);
+            }
+            NextBoot::Install(_) if rt.hold.is_some() => {
+                hold_context(&mut ctx, host, rt);
+                vec![tdir.join("held.tmpl")]
+            }
+            NextBoot::Install(s) if s == STATE_DISCOVER && rt.bootid.is_none() => {
+                vec![tdir.join("new.tmpl")]
+            }
+            NextBoot::Install(s) => match self.config.install_templates(&s) {
+                Ok(c) => c,
+                Err(e) => {
+                    log(&format!("host {}: {e}", host.id));
+                    return ipxe_error(&[format!("host {}: {e}", host.id)]);
+                }
+            },
+        };
+        match self.render_first(&candidates, &ctx) {
+            Ok(Some(text)) => Response::text(200, text),
+            Ok(None) if rt.hold.is_some() => held_fallback(host, rt),
+            Ok(None) => {
+                let msg = format!(
+                    "host {}: no template for state {state:?} (looked for {})",
+                    host.id,
+                    list_paths(&candidates)
+                );
+                log(&msg);
+                ipxe_error(&[msg])
+            }
+            Err(msg) => {
+                log(&format!("host {}: {msg}", host.id));
+                ipxe_error(&[format!("host {}: {msg}", host.id)])
+            }
+        }
+    }
+}
+
+/// The report and hardware facts of a `/bootstrap` query.
+fn parse_report(params: &Params) -> Result<(Report, Facts), Response> {
+    let mut report = Report::default();
+    let mut keys: Vec<String> = (0..8).map(|i| format!("net{i}")).collect();
+    keys.push("dhcp_mac".into());
+    // A NIC with an unusable address (all zeros on some unconfigured
+    // ports) must not keep the machine from booting by its other NICs; it
+    // only matters when no MAC at all is usable.
+    let mut unusable = Vec::new();
+    for key in &keys {
+        let value = params.one(key).map_err(|e| Response::error(400, e))?;
+        match value.map(str::trim) {
+            None | Some("") => {}
+            Some(v) => match Mac::parse(v) {
+                Ok(m) if !report.macs.contains(&m) => report.macs.push(m),
+                Ok(_) => {}
+                Err(e) => unusable.push(format!("{key}: {e}")),
+            },
+        }
+    }
+    if report.macs.is_empty() && !unusable.is_empty() {
+        return Err(Response::error(
+            400,
+            format!(
+                "no valid MAC address; nothing registered ({})",
+                unusable.join("; ")
+            ),
+        ));
+    }
+    let text = |k: &str| -> Result<String, Response> {
+        let v = params.one(k).map_err(|e| Response::error(400, e))?;
+        let v = v.unwrap_or("");
+        if v.chars().count() > 256 {
+            return Err(Response::error(
+                400,
+                format!("{k} is longer than 256 characters"),
+            ));
+        }
+        Ok(v.to_string())
+    };
+    report.serial = text("serial")?;
+    report.uuid = text("uuid")?;
+    let facts = Facts {
+        platform: text("platform")?,
+        buildarch: text("buildarch")?,
+        manufacturer: text("manufacturer")?,
+        product: text("product")?,
+        dhcp_mac: text("dhcp_mac")?,
+    };
+    Ok((report, facts))
+}
+
+/// The values `held.tmpl` uses besides the host's own.
+fn hold_context(ctx: &mut Value, host: &Host, rt: &HostRuntime) {
+    let Some(hold) = &rt.hold else { return };
+    if let Value::Object(m) = ctx {
+        let now = runtime::now();
+        m.insert("hold_cause".into(), hold.cause.as_str().into());
+        m.insert("hold_since".into(), rfc3339_secs(hold.since).into());
+        m.insert(
+            "hold_for".into(),
+            human_duration(now.saturating_sub(hold.since)).into(),
+        );
+        m.insert("hold_reason".into(), ipxe_safe(&hold.reason).into());
+        m.insert(
+            "release_command".into(),
+            format!("kiwispray-hosts release {}", host.id).into(),
+        );
+    }
+}
+
+/// The hold explained without `held.tmpl` (a deployment root from before
+/// it existed).
+fn held_fallback(host: &Host, rt: &HostRuntime) -> Response {
+    let Some(hold) = &rt.hold else {
+        return ipxe_error(&[format!("host {} is held", host.id)]);
+    };
+    ipxe_error(&[
+        format!(
+            "host {} is held ({}) since {}: {}",
+            host.id,
+            hold.cause.as_str(),
+            rfc3339_secs(hold.since),
+            hold.reason
+        ),
+        format!(
+            "it installs nothing until: kiwispray-hosts release {}",
+            host.id
+        ),
+    ])
+}
+
+/// The change a `/bootstrap` makes, decided again under the lock.
+fn boot_change(
+    txn: &mut Txn,
+    config: &Config,
+    report: Report,
+    bootid: String,
+    seen: Seen,
+) -> BootOutcome {
+    let remote = seen.remote.clone();
+    let now = seen.at;
+    match lifecycle::identify(&txn.db, &report) {
+        Identity::Conflict(m) => BootOutcome::Conflict(m),
+        Identity::Unknown if report.macs.is_empty() => BootOutcome::NoMac,
+        Identity::Unknown => {
+            let id = txn.next_id();
+            let state = lifecycle::initial_state(config.discover);
+            let uuid = crate::identity::canonical_uuid(&report.uuid).unwrap_or(report.uuid);
+            let host = Host::new(id, &report.macs, &report.serial, &uuid, &state);
+            txn.db.insert(host.clone()).expect("fresh id");
+            txn.record(Event::now(id, "", &state, "register", &remote));
+            let rt = txn.update_runtime(id, |rt| {
+                rt.seen = Some(seen);
+                rt.clone()
+            });
+            BootOutcome::Host {
+                host,
+                rt: Box::new(rt),
+                registered: true,
+            }
+        }
+        Identity::Known(id) => {
+            let mut host = txn.db.get(id).expect("identified host exists");
+            let added = lifecycle::unrecorded_macs(&host, &report);
+            if !added.is_empty() {
+                host = txn
+                    .db
+                    .update(id, |h| {
+                        let mut macs = h.mac_list();
+                        macs.extend(added);
+                        h.macs = crate::identity::format_mac_list(&macs);
+                        h.clone()
+                    })
+                    .expect("identified host exists");
+            }
+            let state = match lifecycle::next_boot(&host.state) {
+                NextBoot::Install(s) if txn.runtime(id).hold.is_none() => Some(s),
+                _ => None,
+            };
+            let Some(state) = state else {
+                let rt = txn.update_runtime(id, |rt| {
+                    rt.seen = Some(seen);
+                    rt.clone()
+                });
+                return BootOutcome::Host {
+                    host,
+                    rt: Box::new(rt),
+                    registered: false,
+                };
+            };
+            let decision = lifecycle::install_decision(
+                txn.runtime(id),
+                &state,
+                now,
+                config.max_install_boots,
+                config.hold_overdue,
+            );
+            let rt = match decision {
+                InstallDecision::Start => {
+                    let digest = config
+                        .image_dir(&state)
+                        .ok()
+                        .and_then(|d| crate::images::image_digest(&d));
+                    let deadline = config
+                        .deadline_minutes(&state)
+                        .unwrap_or(config.install_deadline_minutes);
+                    let (rt, abandoned) = txn.update_runtime(id, |rt| {
+                        let abandoned = rt.open_attempt().map(|a| a.n);
+                        rt.start_attempt(now, &state, digest, deadline, bootid);
+                        rt.seen = Some(seen);
+                        (rt.clone(), abandoned)
+                    });
+                    let a = rt.attempts.last().expect("just started");
+                    let mut detail = format!(
+                        "attempt {} of {}, deadline {} min",
+                        a.n, a.state, a.deadline_minutes
+                    );
+                    if let Some(d) = &a.digest {
+                        detail.push_str(&format!(", image {d}"));
+                    }
+                    if let Some(n) = abandoned {
+                        detail.push_str(&format!("; attempt {n} ended without /finish"));
+                    }
+                    txn.record(
+                        Event::now(id, &host.state, &host.state, "install-boot", &remote)
+                            .with_detail(detail),
+                    );
+                    rt
+                }
+                InstallDecision::Hold(cause, reason) => {
+                    log(&format!(
+                        "host {id}: held ({}): {reason}; no install starts until `kiwispray-hosts release {id}`",
+                        cause.as_str()
+                    ));
+                    let rt = txn.update_runtime(id, |rt| {
+                        rt.hold(now, cause, reason.clone());
+                        rt.seen = Some(seen);
+                        rt.clone()
+                    });
+                    txn.record(
+                        Event::now(id, &host.state, &host.state, "hold", &remote)
+                            .with_detail(format!("{}: {reason}", cause.as_str())),
+                    );
+                    rt
+                }
+            };
+            BootOutcome::Host {
+                host,
+                rt: Box::new(rt),
+                registered: false,
+            }
+        }
+    }
+}
