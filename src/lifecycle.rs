@@ -14,7 +14,7 @@
 
 use crate::hosts::{Database, Host, Key, STATE_DISCOVER, STATE_FINISHED, STATE_NEW};
 use crate::identity::Mac;
-use crate::runtime::{human_duration, HoldCause, HostRuntime};
+use crate::runtime::{human_duration, Attempt, HoldCause, HostRuntime};
 
 /// What a booting machine reports about itself.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -181,6 +181,15 @@ pub fn initial_state(discover: bool) -> String {
 pub fn installing(host: &Host, rt: &HostRuntime) -> bool {
     matches!(next_boot(&host.state), NextBoot::Install(_))
         && rt.bootid.as_deref().is_some_and(|b| !b.is_empty())
+}
+
+/// The open attempt of a host being installed, if it is overdue at `now`.
+pub fn overdue_attempt<'a>(host: &Host, rt: &'a HostRuntime, now: u64) -> Option<&'a Attempt> {
+    if !installing(host, rt) {
+        return None;
+    }
+    rt.open_attempt()
+        .filter(|a| a.state == host.current_state() && a.is_overdue(now))
 }
 
 /// What an install boot of `state` does.

@@ -1,6 +1,7 @@
 //! The HTTP interface: one function from a request to a response for each
 //! dynamic path, one file per path ([`bootstrap`], [`post_install`],
-//! [`finish`], [`fail`], [`state`], [`update`], [`hosts`]). The FastCGI and
+//! [`finish`], [`fail`], [`state`], [`update`], [`hosts`]), plus the
+//! [`overdue`] watch, a task of the service rather than a path. The FastCGI and
 //! CGI adapters in [`crate::fcgi`] translate the web server's parameters
 //! into a [`Request`] and the [`Response`] back; this module holds what the
 //! paths share: parsing, the template context, the bootid check and the
@@ -16,6 +17,7 @@ mod bootstrap;
 mod fail;
 mod finish;
 mod hosts;
+pub mod overdue;
 mod post_install;
 mod state;
 mod update;

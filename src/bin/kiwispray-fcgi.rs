@@ -172,7 +172,9 @@ fn main() -> ExitCode {
         service.config.max_connections
     );
     let max = service.config.max_connections;
-    fcgi::serve_fastcgi(Arc::new(service), listener.fd(), max);
+    let service = Arc::new(service);
+    kiwispray::api::overdue::start_watch(&service);
+    fcgi::serve_fastcgi(service, listener.fd(), max);
     drop(listener);
     ExitCode::SUCCESS
 }

@@ -35,6 +35,7 @@ pub fn check(ctx: &Ctx, a: &CheckArgs) -> Result<Exit> {
     check_templates(ctx, &mut r);
     check_states(ctx, &hosts, &mut r);
     check_images(ctx, a.deep, &mut r);
+    check_runtime(ctx, &mut r);
     if a.json {
         out(&json_text(&json!({
             "ok": r.problems.is_empty(),
@@ -414,6 +415,48 @@ fn check_images(ctx: &Ctx, deep: bool, r: &mut Report) {
                 }
                 Ok(_) => {}
             }
+        }
+    }
+}
+
+/// Held and overdue hosts, and a runtime log that does not parse. Newly
+/// overdue installs are recorded in the event log, once each.
+fn check_runtime(ctx: &Ctx, r: &mut Report) {
+    let store = ctx.store();
+    if let Err(e) = crate::api::overdue::record_overdue(&store) {
+        r.problem(e.to_string());
+        return;
+    }
+    let snap = match store.snapshot() {
+        Ok(s) => s,
+        Err(e) => {
+            r.problem(e.to_string());
+            return;
+        }
+    };
+    let now = crate::runtime::now();
+    for (id, a) in crate::api::overdue::overdue(&snap.db, &snap.rt, now) {
+        r.problem(format!(
+            "host {id} is overdue: {} (since {})",
+            crate::api::overdue::describe(&a, now),
+            crate::events::rfc3339_secs(a.started)
+        ));
+    }
+    let mut held: Vec<u64> = snap
+        .rt
+        .iter()
+        .filter(|(id, rt)| rt.hold.is_some() && snap.db.contains(*id))
+        .map(|(id, _)| id)
+        .collect();
+    held.sort_unstable();
+    for id in held {
+        if let Some(h) = &snap.runtime(id).hold {
+            r.problem(format!(
+                "host {id} is held ({}) since {}: {}; release it with kiwispray-hosts release {id}",
+                h.cause.as_str(),
+                crate::events::rfc3339_secs(h.since),
+                h.reason
+            ));
         }
     }
 }

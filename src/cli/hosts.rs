@@ -269,7 +269,7 @@ pub fn runtime_json(host: &Host, rt: &HostRuntime, now: u64) -> Value {
         .collect();
     serde_json::json!({
         "installing": installing,
-        "overdue": overdue_attempt(host, rt, now).is_some(),
+        "overdue": lifecycle::overdue_attempt(host, rt, now).is_some(),
         "held": rt.hold.as_ref().map(|h| serde_json::json!({
             "cause": h.cause.as_str(),
             "since": rfc3339_secs(h.since),
@@ -293,19 +293,6 @@ pub fn host_json(host: &Host, rt: &HostRuntime, now: u64) -> Value {
     v
 }
 
-/// The open attempt of a host being installed, if it is overdue.
-pub fn overdue_attempt<'a>(
-    host: &Host,
-    rt: &'a HostRuntime,
-    now: u64,
-) -> Option<&'a runtime::Attempt> {
-    if !lifecycle::installing(host, rt) {
-        return None;
-    }
-    rt.open_attempt()
-        .filter(|a| a.state == host.current_state() && a.is_overdue(now))
-}
-
 /// One short word or phrase for `list`: held, overdue, installing.
 pub fn status(host: &Host, rt: &HostRuntime, now: u64) -> String {
     if let Some(h) = &rt.hold {
@@ -315,7 +302,7 @@ pub fn status(host: &Host, rt: &HostRuntime, now: u64) -> String {
             human_duration(now.saturating_sub(h.since))
         );
     }
-    if let Some(a) = overdue_attempt(host, rt, now) {
+    if let Some(a) = lifecycle::overdue_attempt(host, rt, now) {
         return format!(
             "OVERDUE {} (attempt {}, deadline {} min)",
             human_duration(a.elapsed(now)),
@@ -362,7 +349,7 @@ pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<Exit> {
         .hosts()
         .filter(|h| state.is_none_or(|s| h.current_state() == s))
         .filter(|h| !held || snap.runtime(h.id).hold.is_some())
-        .filter(|h| !overdue || overdue_attempt(h, snap.runtime(h.id), now).is_some())
+        .filter(|h| !overdue || lifecycle::overdue_attempt(h, snap.runtime(h.id), now).is_some())
         .collect();
     if a.json {
         let v: Vec<Value> = hosts
@@ -535,7 +522,7 @@ pub fn show(ctx: &Ctx, a: &ShowArgs) -> Result<Exit> {
     } else {
         s.push_str("attempts:\n");
         for at in &rt.attempts {
-            let outcome = match (at.outcome, overdue_attempt(&host, rt, now)) {
+            let outcome = match (at.outcome, lifecycle::overdue_attempt(&host, rt, now)) {
                 (Some(o), _) => o.as_str().to_string(),
                 (None, Some(o)) if o.n == at.n => "OVERDUE".to_string(),
                 (None, _) => "in progress".to_string(),

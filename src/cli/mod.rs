@@ -223,7 +223,10 @@ pub enum Cmd {
                       serial or UUID belongs to two hosts; every state in use has its image or \
                       template; every template parses; every image directory has the installer \
                       kernel, initrd, image and checksum its host.tmpl refers to; and, with \
-                      --deep, that every image matches its checksum."
+                      --deep, that every image matches its checksum.\n\n\
+                      Held hosts and installs past their deadline are problems too: each is \
+                      named with its cause or how long it has been installing, and a newly \
+                      overdue install is recorded in the event log (once)."
     )]
     Check(CheckArgs),
     /// Import a KIWI oem PXE build as images/<NAME>/.
