@@ -61,7 +61,7 @@ fmt:
 # through real nginx; then the HTTP suite again through real lighttpd.
 test-unit: deps-test
 	$(CARGO) test --locked --no-fail-fast
-	KIWISPRAY_WEB=lighttpd $(CARGO) test --locked --test http
+	KIWISPRAY_WEB=lighttpd $(CARGO) test --locked --test http --test install_safety
 
 # Real firmware: QEMU guests, iPXE, dnsmasq and nginx in a network namespace.
 test-e2e: deps-test build
