@@ -546,6 +546,124 @@ fn several_handlers_and_clis_lose_no_update() {
     }
 }
 
+/// Issue 9: 4 handler processes and 4 `kiwispray-hosts set` loops on one
+/// root; 305 of 985 `/post-install` calls right after an install boot got
+/// 403, each with the bootid another process had just issued: a reader
+/// loaded `known_hosts.json`, a full rewrite emptied the bootid journal,
+/// and the reader then loaded the empty journal. Runtime facts now live in
+/// their own log, which no rewrite of the database touches.
+#[test]
+fn regression_a_fresh_bootid_is_accepted_by_every_other_process() {
+    const INSTALLS: usize = 2400;
+    let root = root_with_hosts("freshbootid", 400);
+    // Thousands of install boots without /finish: no loop breaker here.
+    fs::write(
+        root.path().join("kiwispray.json"),
+        r#"{"max_install_boots": 1000000}"#,
+    )
+    .unwrap();
+    let handlers: Vec<Handler> = (0..4)
+        .map(|i| Handler::start(root.path(), &root.path().join(format!("h{i}.sock")), &[]))
+        .collect();
+    let socks: Vec<PathBuf> = handlers.iter().map(|h| h.sock.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for c in 0..4u64 {
+        let root = root.path().to_path_buf();
+        let stop = stop.clone();
+        writers.push(std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // A finished host (i % 10 == 1): every set is a full rewrite.
+                let id = 1 + 10 * ((c * 10 + k) % 40);
+                let out = cli(
+                    &root,
+                    &["set", &id.to_string(), "--meta-set", &format!("k={c}-{k}")],
+                );
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                k += 1;
+            }
+            k
+        }));
+    }
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut installers = Vec::new();
+    for t in 0..8usize {
+        let socks = socks.clone();
+        let done = done.clone();
+        let refused = refused.clone();
+        installers.push(std::thread::spawn(move || {
+            // Hosts 10, 20, ..., 400 are in state image1; thread t owns
+            // every eighth of them.
+            let mine: Vec<u32> = (1..=40u32)
+                .filter(|h| *h as usize % 8 == t)
+                .map(|h| h * 10)
+                .collect();
+            let mut k = 0usize;
+            while done.fetch_add(1, Ordering::Relaxed) < INSTALLS {
+                let i = mine[k % mine.len()];
+                let a = &socks[(t + k) % 4];
+                let b = &socks[(t + k + 1) % 4];
+                let q = format!(
+                    "net0=0c-c4-7a-{:02x}-{:02x}-{:02x}",
+                    i >> 16,
+                    (i >> 8) & 255,
+                    i & 255
+                );
+                let boot = fcgi_get(a, "/bootstrap", q.as_bytes())
+                    .unwrap()
+                    .expect("an answer");
+                assert_eq!(boot.status, 200, "{}", boot.body);
+                let bootid: String = boot
+                    .body
+                    .split("bootid=")
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("no bootid in {}", boot.body))
+                    .chars()
+                    .take(32)
+                    .collect();
+                let q = format!("id={i}&bootid={bootid}");
+                let post = fcgi_get(b, "/post-install", q.as_bytes())
+                    .unwrap()
+                    .expect("an answer");
+                if post.status != 200 {
+                    refused.lock().unwrap().push(format!(
+                        "host {i}: {} {}",
+                        post.status,
+                        post.body.trim()
+                    ));
+                }
+                k += 1;
+            }
+        }));
+    }
+    for t in installers {
+        t.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sets: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    let refused = refused.lock().unwrap();
+    assert!(
+        refused.is_empty(),
+        "{} of {INSTALLS} fresh bootids refused by another process: {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    assert!(sets >= 20, "only {sets} CLI writes ran beside the installs");
+    // The log was compacted meanwhile, and every attempt is there.
+    let db = load_db(root.path());
+    let attempts: u64 = (1..=40u64)
+        .map(|h| db.runtime(h * 10).attempts.last().map_or(0, |a| a.n))
+        .sum();
+    assert_eq!(attempts as usize, INSTALLS);
+    eprintln!("{INSTALLS} installs through 4 handlers, {sets} CLI rewrites beside them: 0 refused");
+}
+
 // ---------------------------------------------------------------- corrupt file
 
 #[test]

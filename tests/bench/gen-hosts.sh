@@ -33,7 +33,6 @@ BEGIN {
         else state = "finished"
         hostname = (state == "new") ? "not-set" : sprintf("node%05d.rack%02d.example.net", i, int(i / 40) % 100)
         printf "    {\n"
-        printf "        \"bootid\": null,\n"
         printf "        \"hostname\": \"%s\",\n", hostname
         printf "        \"id\": %d,\n", i
         printf "        \"macs\": \"%s\",\n", macs
