@@ -1767,3 +1767,57 @@ fn progress_only_on_a_terminal_for_large_files() {
     );
     assert!(text.contains("imported image big2"), "{text}");
 }
+
+/// Issue 9: for a host whose state was set by hand to `../../etc`, `a/b`
+/// or an absolute path, `render HOST --post-install` printed a file from
+/// outside the deployment root: the path was built from the state
+/// unchecked. Every caller now goes through Config::image_dir.
+#[test]
+fn regression_render_post_install_never_reads_outside_the_root() {
+    let r = root_with_host("outside");
+    // A file outside the root that the bad states would reach.
+    let outside = r.path().parent().unwrap().join("post_install.tmpl");
+    let secret = format!("SECRET-OUTSIDE-THE-ROOT {}\n", std::process::id());
+    let wrote_outside = fs::write(&outside, &secret).is_ok();
+    fs::create_dir_all(r.path().join("images/a/b")).unwrap();
+    fs::write(r.path().join("images/a/b/post_install.tmpl"), &secret).unwrap();
+    let text = r.db_text();
+    for bad in ["../../etc", "..", "a/b", "/etc", "../images/a"] {
+        let edited = text.replace("\"state\": \"new\"", &format!("\"state\": {bad:?}"));
+        assert_ne!(edited, text);
+        fs::write(r.db_path(), &edited).unwrap();
+        let run = r.run(&["render", "1", "--post-install"]);
+        assert_eq!(run.code, 2, "{bad}: {}", run.stdout);
+        assert!(
+            run.stderr.contains("is not a safe name"),
+            "{bad}: {}",
+            run.stderr
+        );
+        assert!(!run.stdout.contains("SECRET"), "{bad}: {}", run.stdout);
+        let run = r.run(&["render", "1"]).ok();
+        assert!(
+            run.stdout.contains("is not a safe name"),
+            "{bad}: {}",
+            run.stdout
+        );
+        // The handler gives the same refusal on the boot path.
+        let (_, body) = handler(
+            r.path(),
+            "/bootstrap",
+            "net0=52-54-00-00-00-01",
+            "10.0.0.1:5000",
+        );
+        assert!(body.contains("is not a safe name"), "{bad}: {body}");
+        assert!(!body.contains("SECRET"));
+        let run = r.run(&["check"]);
+        assert_eq!(run.code, 1);
+        assert!(
+            run.stdout.contains("not a safe name"),
+            "{bad}: {}",
+            run.stdout
+        );
+    }
+    if wrote_outside {
+        fs::remove_file(&outside).unwrap();
+    }
+}
