@@ -1,18 +1,28 @@
 //! The operator's command line, `kiwispray-hosts`: the clap definition of
 //! every command, the translation of the seed's `edit-host.py` flags, exit
-//! codes and error reporting, and the dispatch to one module per concern
-//! ([`hosts`] for the host database, [`preview`] for `render`, [`check`]
-//! for `check`, [`crate::images`] for imports). Nothing below [`run`] sees
-//! clap or the environment: commands get a resolved [`Ctx`].
+//! codes and error reporting, and the dispatch to one file per command
+//! (`list`, `show`, `add`, `set`, `remove`, `release`, `history`,
+//! [`preview`] for `render`, [`check`]; imports in [`crate::images`]), with
+//! what they share in [`hosts`] (naming hosts, checking edits) and
+//! [`display`] (tables, JSON). Nothing below [`run`] sees clap or the
+//! environment: commands get a resolved [`Ctx`].
 //!
 //! Every change to the database goes through [`crate::store::Store::modify`],
 //! the locked, atomic path the handler uses, and records an event with cause
 //! `cli`.
 
+mod add;
 pub mod check;
+pub mod display;
+mod history;
 pub mod hosts;
+mod list;
 pub mod man;
 pub mod preview;
+mod release;
+mod remove;
+mod set;
+mod show;
 
 use crate::config::Config;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
@@ -556,13 +566,13 @@ fn dispatch(cli: Cli) -> Result<Exit> {
         (None, false) => return Err(Error::usage("no command given (see --help)")),
     };
     match command {
-        Cmd::List(a) => hosts::list(&ctx, &a),
-        Cmd::Show(a) => hosts::show(&ctx, &a),
-        Cmd::Add(a) => hosts::add(&ctx, &a),
-        Cmd::Set(a) => hosts::set(&ctx, &a),
-        Cmd::Remove(a) => hosts::remove(&ctx, &a),
-        Cmd::Release(a) => hosts::release(&ctx, &a),
-        Cmd::History(a) => hosts::history(&ctx, &a),
+        Cmd::List(a) => list::list(&ctx, &a),
+        Cmd::Show(a) => show::show(&ctx, &a),
+        Cmd::Add(a) => add::add(&ctx, &a),
+        Cmd::Set(a) => set::set(&ctx, &a),
+        Cmd::Remove(a) => remove::remove(&ctx, &a),
+        Cmd::Release(a) => release::release(&ctx, &a),
+        Cmd::History(a) => history::history(&ctx, &a),
         Cmd::Render(a) => preview::render(&ctx, &a),
         Cmd::Check(a) => check::check(&ctx, &a),
         Cmd::ImportImage(a) => import_image(&ctx, &a),
