@@ -10,7 +10,7 @@ APT_GET = DEBIAN_FRONTEND=noninteractive apt-get -y -q
 # Debian packages per purpose.
 SERVE_PKGS = $(if $(filter lighttpd,$(WEB)),lighttpd,nginx)
 TEST_PKGS = nginx curl wrk dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
-	lighttpd rpm systemd git
+	lighttpd rpm systemd git prometheus chromium chromium-driver
 RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 
@@ -164,9 +164,11 @@ install:
 	chmod 0644 $(DESTDIR)$(UNITDIR)/kiwispray-fcgi.service $(DESTDIR)$(SYSUSERSDIR)/kiwispray.conf \
 		$(DESTDIR)$(TMPFILESDIR)/kiwispray.conf
 	cp -P templates/* $(DESTDIR)$(DATADIR)/kiwispray/templates/
+	install -d $(DESTDIR)$(DATADIR)/kiwispray/ui
+	install -m 0644 ui/*.* $(DESTDIR)$(DATADIR)/kiwispray/ui/
 	@for f in templates/*; do t=$(DESTDIR)$(SRVDIR)/templates/$${f#templates/}; \
 		if [ -e "$$t" ] || [ -L "$$t" ]; then echo "kept $$t"; else cp -P "$$f" "$$t"; fi; done
-	sed 's#/srv/kiwispray#$(SRVDIR)#g; s#/usr/bin/kiwispray-fcgi#$(BINDIR)/kiwispray-fcgi#' \
+	sed 's#/srv/kiwispray#$(SRVDIR)#g; s#/usr/bin/kiwispray-fcgi#$(BINDIR)/kiwispray-fcgi#; s#/usr/share/kiwispray/#$(DATADIR)/kiwispray/#g' \
 		lighttpd/kiwispray-cgi.conf > $(DESTDIR)$(DATADIR)/kiwispray/lighttpd/kiwispray-cgi.conf
 	@[ -e $(DESTDIR)$(SRVDIR)/known_hosts.json ] || { printf '[]\n' > $(DESTDIR)$(SRVDIR)/known_hosts.json; \
 		chmod 0640 $(DESTDIR)$(SRVDIR)/known_hosts.json; }
@@ -177,8 +179,8 @@ install:
 		> $(DESTDIR)$(SYSCONFDIR)/kiwispray/kiwispray.json
 	$(call install_new,dnsmasq/kiwispray.conf,$(DESTDIR)$(SYSCONFDIR)/kiwispray/dnsmasq/kiwispray.conf,0644)
 	$(call install_new,dnsmasq/kiwispray-proxy.conf,$(DESTDIR)$(SYSCONFDIR)/kiwispray/dnsmasq/kiwispray-proxy.conf,0644)
-	@sed 's#/srv/kiwispray#$(SRVDIR)#g' nginx/kiwispray.conf > $(DESTDIR)$(SYSCONFDIR)/nginx/conf.d/kiwispray.conf.new
-	@sed 's#/srv/kiwispray#$(SRVDIR)#g' lighttpd/kiwispray.conf > $(DESTDIR)$(SYSCONFDIR)/lighttpd/conf.d/kiwispray.conf.new
+	@sed 's#/srv/kiwispray#$(SRVDIR)#g; s#/usr/share/kiwispray/#$(DATADIR)/kiwispray/#g' nginx/kiwispray.conf > $(DESTDIR)$(SYSCONFDIR)/nginx/conf.d/kiwispray.conf.new
+	@sed 's#/srv/kiwispray#$(SRVDIR)#g; s#/usr/share/kiwispray/#$(DATADIR)/kiwispray/#g' lighttpd/kiwispray.conf > $(DESTDIR)$(SYSCONFDIR)/lighttpd/conf.d/kiwispray.conf.new
 	@for f in $(DESTDIR)$(SYSCONFDIR)/nginx/conf.d/kiwispray.conf $(DESTDIR)$(SYSCONFDIR)/lighttpd/conf.d/kiwispray.conf; do \
 		if [ -e "$$f" ]; then echo "kept $$f (the new version is $$f.new)"; else mv "$$f.new" "$$f"; fi; done
 	@for f in man/*.1 man/*.8; do [ -e "$$f" ] || continue; s=$${f##*.}; \

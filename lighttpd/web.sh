@@ -1,6 +1,6 @@
 # Sourced by nginx/serve.sh for WEB=lighttpd: writes the lighttpd
 # configuration for this run (the shipped lighttpd/kiwispray.conf rewritten
-# for ROOT, PORT and the handler's socket) and starts lighttpd in the
+# for ROOT, PORT, the handler's socket and the checkout's ui/) and starts lighttpd in the
 # foreground, adding its pid to `pids`. Uses here, ROOT, PORT, RUN_DIR and
 # sock from serve.sh.
 
@@ -14,6 +14,7 @@ sed -e "s#^var\.kiwispray_root = .*#var.kiwispray_root = \"$esc_root\"#" \
     -e "s#:5000\"#:$PORT\"#g" \
     -e "s#:5000\\$\"#:$PORT\$\"#" \
     -e "s#/var/log/lighttpd/kiwispray.access.log#$RUN_DIR/access.log#" \
+    -e "s#/usr/share/kiwispray/ui/#$here/ui/#" \
     "$here/lighttpd/kiwispray.conf" > "$RUN_DIR/kiwispray.conf"
 grep -q "^var.kiwispray_socket = \"$sock\"" "$RUN_DIR/kiwispray.conf" \
     || die "cannot rewrite lighttpd/kiwispray.conf for this run"

@@ -1,6 +1,6 @@
 # Sourced by nginx/serve.sh for WEB=nginx (the default): writes the nginx
 # configuration for this run (the shipped nginx/kiwispray.conf rewritten for
-# ROOT, PORT and the handler's socket) and starts nginx in the foreground,
+# ROOT, PORT, the handler's socket and the checkout's ui/) and starts nginx in the foreground,
 # adding its pid to `pids`. Uses here, ROOT, PORT, RUN_DIR and sock from
 # serve.sh.
 
@@ -10,6 +10,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 # nginx, with the shipped server block rewritten for this root, port and socket.
 sed -e "s#/srv/kiwispray#$ROOT#g" \
     -e "s#unix:/run/kiwispray/fcgi.sock#unix:$sock#" \
+    -e "s#/usr/share/kiwispray/ui/#$here/ui/#" \
     -e "s#^\(\s*listen\s\+\)5000;#\1$PORT;#" \
     -e "s#^\(\s*listen\s\+\)\[::\]:5000;#\1[::]:$PORT;#" \
     -e "s#access_log /var/log/nginx/kiwispray.access.log;#access_log $RUN_DIR/access.log;#" \

@@ -12,7 +12,8 @@
 //! - [`lifecycle`]: what a machine boots next, as pure functions;
 //! - [`render`]: `@name@` templates rendered with tinytemplate;
 //! - [`api`]: the HTTP paths; [`fcgi`]: the FastCGI and CGI adapters;
-//! - [`config`]: deployment settings.
+//! - [`config`]: deployment settings; [`metrics`]: Prometheus counters kept
+//!   across processes; [`view`]: the JSON form of a host (CLI and API).
 //! - [`cli`]: the `kiwispray-hosts` commands; [`images`]: KIWI image and live ISO import.
 
 pub mod api;
@@ -24,6 +25,8 @@ pub mod hosts;
 pub mod identity;
 pub mod images;
 pub mod lifecycle;
+pub mod metrics;
 pub mod render;
 pub mod runtime;
 pub mod store;
+pub mod view;

@@ -766,6 +766,7 @@ impl Inner {
         let unwaited = jobs.iter().any(|j| j.done.is_none());
         let runs: Vec<_> = jobs.into_iter().map(|j| j.run).collect();
         let mut replaced = None;
+        let started = std::time::Instant::now();
         let status = match catch_unwind(AssertUnwindSafe(|| self.commit(runs, &mut replaced))) {
             Ok(status) => status,
             Err(panic) => {
@@ -777,6 +778,7 @@ impl Inner {
                 Err(StoreError::Internal(what))
             }
         };
+        crate::metrics::observe_commit(started.elapsed().as_secs_f64());
         if unwaited {
             if let Err(e) = &status {
                 eprintln!("kiwispray: a queued change was not saved: {e}");

@@ -52,7 +52,10 @@ impl Service {
         // The read-only path: a known machine that waits, is finished or is
         // held, and reports nothing new, is answered without any write.
         match lifecycle::identify(&snap, &report) {
-            Identity::Conflict(matched) => return Ok(self.conflict(req, &matched)),
+            Identity::Conflict(matched) => {
+                crate::metrics::count_boot("conflict");
+                return Ok(self.conflict(req, &matched));
+            }
             Identity::Known(id) => {
                 let host = snap.get(id).expect("indexed host exists");
                 let rt = snap.runtime(id);
@@ -63,6 +66,7 @@ impl Service {
                     };
                     if read_only {
                         self.note_seen(id, rt, seen);
+                        crate::metrics::count_boot(super::metrics::boot_outcome(&host, rt, false));
                         return Ok(self.boot_script(req, &host, rt, &facts));
                     }
                 }
@@ -84,7 +88,10 @@ impl Service {
             .modify(move |txn| boot_change(txn, &config, report, bootid, seen))
             .map_err(|e| store_failure(&e))?;
         Ok(match outcome {
-            BootOutcome::Conflict(matched) => self.conflict(req, &matched),
+            BootOutcome::Conflict(matched) => {
+                crate::metrics::count_boot("conflict");
+                self.conflict(req, &matched)
+            }
             BootOutcome::NoMac => Response::error(400, "no valid MAC address in the request"),
             BootOutcome::Host {
                 host,
@@ -97,6 +104,7 @@ impl Service {
                         host.id, host.macs, host.serial, req.remote, host.state
                     ));
                 }
+                crate::metrics::count_boot(super::metrics::boot_outcome(&host, &rt, registered));
                 self.boot_script(req, &host, &rt, &facts)
             }
         })

@@ -1,6 +1,7 @@
 //! The HTTP interface: one function from a request to a response for each
 //! dynamic path, one file per path ([`bootstrap`], [`post_install`],
-//! [`finish`], [`fail`], [`state`], [`update`], [`hosts`]), plus the
+//! [`finish`], [`fail`], [`state`], [`update`], [`hosts`], [`metrics`] and
+//! the read-only JSON API under `/api/v1/` in [`v1`]), plus the
 //! [`overdue`] watch, a task of the service rather than a path. The FastCGI and
 //! CGI adapters in [`crate::fcgi`] translate the web server's parameters
 //! into a [`Request`] and the [`Response`] back; this module holds what the
@@ -17,10 +18,12 @@ mod bootstrap;
 mod fail;
 mod finish;
 mod hosts;
+mod metrics;
 pub mod overdue;
 mod post_install;
 mod state;
 mod update;
+mod v1;
 
 pub use hosts::{format_table, host_table};
 pub use update::merge;
@@ -293,19 +296,40 @@ impl Service {
         }
     }
 
-    /// Answers one request. Never panics on bad input; a panic from a bug
-    /// is caught by the adapter and answered with a 500.
+    /// Answers one request and counts it (path, status, latency) for
+    /// `/metrics`. Never panics on bad input; a panic from a bug is caught
+    /// by the adapter and answered with a 500.
     pub fn handle(&self, req: &Request) -> Response {
+        let started = std::time::Instant::now();
+        let response = self.route(req);
+        crate::metrics::count_request(
+            metrics::path_label(&req.path),
+            response.status,
+            started.elapsed().as_secs_f64(),
+        );
+        crate::metrics::flush_if_due(&self.metrics_file());
+        response
+    }
+
+    /// The shared file of the counters that `/metrics` reports.
+    pub fn metrics_file(&self) -> PathBuf {
+        crate::metrics::file_for(self.store.path())
+    }
+
+    fn route(&self, req: &Request) -> Response {
         let name = req.path.rsplit('/').next().unwrap_or("");
         let method = req.method.as_str();
         if name == "kiwispray-error" {
             return web_server_error(req);
         }
+        if let Some(i) = req.path.find("/api/") {
+            return self.api(req, &req.path[i..]);
+        }
         let allowed = match name {
             "update" => method == "POST",
             // These change state, so only GET; HEAD must have no effects.
             "bootstrap" | "post-install" | "finish" | "fail" => method == "GET",
-            "state" | "hosts" => method == "GET" || method == "HEAD",
+            "state" | "hosts" | "metrics" => method == "GET" || method == "HEAD",
             _ => return Response::error(404, format!("no such path {:?}", shorten(&req.path))),
         };
         if !allowed {
@@ -323,6 +347,7 @@ impl Service {
             "fail" => self.fail(req, &params),
             "state" => self.state(&params),
             "update" => self.update(req, &params),
+            "metrics" => self.metrics(),
             _ => self.hosts(),
         };
         result.unwrap_or_else(|e| e)

@@ -174,6 +174,7 @@ fn main() -> ExitCode {
     let max = service.config.max_connections;
     let service = Arc::new(service);
     kiwispray::api::overdue::start_watch(&service);
+    kiwispray::metrics::start_flusher(service.metrics_file());
     fcgi::serve_fastcgi(service, listener.fd(), max);
     drop(listener);
     ExitCode::SUCCESS

@@ -1,9 +1,11 @@
 //! How the CLI shows hosts to a person and to scripts: aligned tables,
 //! control characters made visible, the STATUS and "last seen" texts, event
-//! lines, and the `--json` form of a host with its runtime facts (never its
-//! bootid). Shared by `list`, `show`, `history` and `release`.
+//! lines; the `--json` form of a host is [`crate::view`]'s, shared with the
+//! HTTP API. Used by `list`, `show`, `history` and `release`.
 
-use crate::events::{rfc3339_secs, Event};
+pub use crate::view::{host_json, runtime_json};
+
+use crate::events::Event;
 use crate::hosts::Host;
 use crate::lifecycle;
 use crate::runtime::{human_duration, HostRuntime};
@@ -45,54 +47,6 @@ pub fn cell(s: &str) -> String {
     } else {
         t
     }
-}
-
-/// A host's runtime facts as `--json` shows them: attempts, hold and last
-/// seen with RFC 3339 times; never the bootid.
-pub fn runtime_json(host: &Host, rt: &HostRuntime, now: u64) -> Value {
-    let installing = lifecycle::installing(host, rt);
-    let attempts: Vec<Value> = rt
-        .attempts
-        .iter()
-        .map(|a| {
-            serde_json::json!({
-                "n": a.n,
-                "state": a.state,
-                "digest": a.digest,
-                "started": rfc3339_secs(a.started),
-                "ended": a.ended.map(rfc3339_secs),
-                "outcome": a.outcome.map(|o| o.as_str()),
-                "reason": a.reason,
-                "seconds": a.elapsed(now),
-                "deadline_minutes": a.deadline_minutes,
-                "overdue": a.is_overdue(now) && installing,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "installing": installing,
-        "overdue": lifecycle::overdue_attempt(host, rt, now).is_some(),
-        "held": rt.hold.as_ref().map(|h| serde_json::json!({
-            "cause": h.cause.as_str(),
-            "since": rfc3339_secs(h.since),
-            "reason": h.reason,
-        })),
-        "last_seen": rt.seen.as_ref().map(|s| serde_json::json!({
-            "at": rfc3339_secs(s.at),
-            "platform": s.platform,
-            "remote": s.remote,
-        })),
-        "attempts": attempts,
-    })
-}
-
-/// A host as `--json` shows it: its configuration plus `runtime`.
-pub fn host_json(host: &Host, rt: &HostRuntime, now: u64) -> Value {
-    let mut v = host.to_value();
-    if let Value::Object(m) = &mut v {
-        m.insert("runtime".into(), runtime_json(host, rt, now));
-    }
-    v
 }
 
 /// One short word or phrase for `list`: held, overdue, installing.
