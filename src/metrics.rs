@@ -209,7 +209,7 @@ pub fn start_flusher(file: PathBuf) {
     let started = std::thread::Builder::new()
         .name("kiwispray-metrics".into())
         .spawn(move || loop {
-            std::thread::sleep(FLUSH_INTERVAL);
+            std::thread::sleep(FLUSH_INTERVAL / 4);
             flush_if_due(&file);
         });
     if let Err(e) = started {

@@ -67,7 +67,7 @@ function classify(h) {
   }
   const a = openAttempt(h);
   if (rt.overdue && a) return { cls: "overdue", text: `OVERDUE ${duration(a.seconds)} (attempt ${a.n})` };
-  if (rt.installing) return { cls: "installing", text: a ? `installing (attempt ${a.n})` : "installing" };
+  if (rt.installing) return { cls: "installing", text: a ? `installing ${duration(a.seconds)} (attempt ${a.n})` : "installing" };
   return { cls: "", text: "-" };
 }
 
@@ -130,7 +130,7 @@ function attemptCell(h) {
   bar.appendChild(fill);
   span.appendChild(bar);
   span.appendChild(document.createTextNode(
-    `${a.state} #${a.n}: ${duration(a.seconds)} of ${a.deadline_minutes} min`));
+    `${duration(a.seconds)} / ${a.deadline_minutes} min`));
   return span;
 }
 
