@@ -143,6 +143,12 @@ pub fn serve_cgi(service: &Service) -> std::io::Result<()> {
         Ok(req) => answer(service, &req),
         Err(resp) => resp,
     };
+    // The process ends with this request: what it counted goes to the
+    // shared file first, so that the next request (a process of its own)
+    // sees it.
+    if let Err(e) = crate::metrics::save(&service.metrics_file()) {
+        api::log(&format!("cannot save metrics: {e}"));
+    }
     let mut out = std::io::stdout().lock();
     out.write_all(&response.to_cgi())?;
     out.flush()

@@ -5,7 +5,7 @@
 //! counted to one shared file beside the database,
 //! `.known_hosts.json.metrics` (a JSON object of series to totals), under an
 //! exclusive lock: at least every [`FLUSH_INTERVAL`] in a FastCGI process,
-//! after every request of a CGI process, and before every `/metrics`
+//! before a CGI process writes its answer, and before every `/metrics`
 //! answer. So a socket-activated restart, lighttpd's spawned processes and
 //! CGI all count into the same totals, and a scrape sees every process's
 //! requests up to its last flush (at most [`FLUSH_INTERVAL`] behind, and
@@ -190,6 +190,15 @@ pub fn flush(file: &Path) -> io::Result<BTreeMap<String, f64>> {
             Err(e)
         }
     }
+}
+
+/// Adds this process's pending counts to `file`, if it has any (a CGI
+/// process before it answers).
+pub fn save(file: &Path) -> io::Result<()> {
+    if lock(&PENDING).is_empty() {
+        return Ok(());
+    }
+    flush(file).map(|_| ())
 }
 
 /// Flushes if [`FLUSH_INTERVAL`] has passed since the last flush and there

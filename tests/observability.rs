@@ -7,7 +7,8 @@
 //!   cycle (registrations, CLI state changes, install boots, `/finish`,
 //!   `/fail`, a conflict, a refused state, an overdue install) its figures
 //!   match the database, the event log and the requests made; its counters
-//!   survive a restart of the handler.
+//!   survive a restart of the handler and add up over CGI processes
+//!   (lighttpd's mod_cgi, one process per request).
 //! - `/api/v1/` serves the hosts exactly as `kiwispray-hosts list --json`
 //!   prints them, never a bootid, with incremental events (`?since=`), and
 //!   it, `/metrics` and `/ui/` are refused to clients other than localhost.
@@ -951,4 +952,153 @@ fn fleet_page_in_chromium_with_10000_hosts_filters_opens_details_and_follows_ins
         "fleet page: 10,000 hosts loaded in {loaded:?}, refilter+sort {refilter_ms:.1} ms, {} requests",
         urls.len()
     );
+}
+
+/// lighttpd with the shipped `lighttpd/kiwispray-cgi.conf`: every request
+/// runs the handler as a process of its own, so every counter must come
+/// from the shared file and the event log, never from one process's memory.
+#[test]
+fn metrics_add_up_across_cgi_processes_under_lighttpd_mod_cgi() {
+    let dir = common::TempDir::new("cgi-metrics");
+    let d = dir.path();
+    let root = d.join("root");
+    fs::create_dir_all(&root).unwrap();
+    for sub in ["templates", "images"] {
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(common::repo().join(sub))
+            .arg(root.join(sub))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cp -a {sub}");
+    }
+    (prepare(4).prepare.unwrap())(&root);
+    let port = common::free_port();
+    let ui = common::repo().join("ui");
+    let site: String = fs::read_to_string(common::repo().join("lighttpd/kiwispray-cgi.conf"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            Path::new("/proc/net/if_inet6").exists()
+                || !l.starts_with("$SERVER[\"socket\"] == \"[::]")
+        })
+        .map(|l| {
+            let l = if l.starts_with("var.kiwispray_root = ") {
+                format!("var.kiwispray_root = \"{}\"", root.display())
+            } else if l.starts_with("var.kiwispray_bin = ") {
+                format!(
+                    "var.kiwispray_bin = \"{}\"",
+                    bin_dir().join("kiwispray-fcgi").display()
+                )
+            } else {
+                l.replace(":5000", &format!(":{port}"))
+                    .replace(
+                        "/var/log/lighttpd/kiwispray.access.log",
+                        &d.join("access.log").display().to_string(),
+                    )
+                    .replace("/usr/share/kiwispray/ui/", &format!("{}/", ui.display()))
+            };
+            format!("{l}\n")
+        })
+        .collect();
+    fs::write(d.join("site.conf"), site).unwrap();
+    fs::create_dir_all(d.join("docroot")).unwrap();
+    fs::write(
+        d.join("lighttpd.conf"),
+        format!(
+            "server.document-root = \"{d}/docroot\"\nserver.bind = \"{d}/main.sock\"\n\
+             server.errorlog = \"{d}/error.log\"\nserver.upload-dirs = ( \"{d}\" )\n\
+             include \"{d}/site.conf\"\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let mut web = Command::new("lighttpd")
+        .arg("-D")
+        .arg("-f")
+        .arg(d.join("lighttpd.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("lighttpd is installed");
+    let get = |target: &str| -> Reply {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let attempt = TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+                s.write_all(
+                    format!("GET {target} HTTP/1.0\r\nHost: 127.0.0.1:5000\r\n\r\n").as_bytes(),
+                )?;
+                let mut out = Vec::new();
+                s.read_to_end(&mut out)?;
+                Ok(out)
+            });
+            match attempt {
+                Ok(out) => return Reply::parse(&out, false).unwrap(),
+                Err(e) if Instant::now() > deadline => panic!("GET {target}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // A new machine registers and then waits twice; host 1 installs
+        // and finishes: each request a process of its own.
+        for _ in 0..3 {
+            assert_eq!(get(&format!("/bootstrap?net0={}", mac_q(50))).status, 200);
+        }
+        let b = bootid_of(&get(&format!("/bootstrap?net0={}", mac_q(1))));
+        assert_eq!(get(&format!("/finish?id=1&bootid={b}")).status, 200);
+        get("/metrics");
+        let r = get("/metrics");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let (ok, out) = promtool(&r.text());
+        assert!(ok && out.trim().is_empty(), "{out}");
+        let m = parse_metrics(&r.text());
+        assert_eq!(
+            metric(&m, "kiwispray_boots_total{outcome=\"registered\"}"),
+            1.0
+        );
+        assert_eq!(metric(&m, "kiwispray_boots_total{outcome=\"wait\"}"), 2.0);
+        assert_eq!(
+            metric(&m, "kiwispray_boots_total{outcome=\"install\"}"),
+            1.0
+        );
+        assert_eq!(
+            metric(
+                &m,
+                "kiwispray_http_requests_total{path=\"/bootstrap\",status=\"200\"}"
+            ),
+            4.0
+        );
+        assert_eq!(
+            metric(
+                &m,
+                "kiwispray_http_requests_total{path=\"/metrics\",status=\"200\"}"
+            ),
+            1.0,
+            "the first scrape, a process of its own"
+        );
+        assert_eq!(
+            metric(&m, "kiwispray_installs_finished_total{image=\"img\"}"),
+            1.0
+        );
+        assert!(metric(&m, "kiwispray_store_commit_duration_seconds_count") >= 3.0);
+        // The API's paths reach the handler through the CGI alias
+        // (PATH_INFO), and the page's files are served.
+        let r = get("/api/v1/hosts/1?since=0");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v: Value = serde_json::from_str(&r.text()).unwrap();
+        assert_eq!(v["host"]["state"], "finished");
+        assert_eq!(get("/api/v1/summary").status, 200);
+        assert_eq!(get("/ui/").status, 200);
+        assert_eq!(get("/ui/app.js").status, 200);
+    }));
+    let _ = web.kill();
+    let _ = web.wait();
+    if let Err(e) = result {
+        eprintln!(
+            "lighttpd error log:\n{}",
+            fs::read_to_string(d.join("error.log")).unwrap_or_default()
+        );
+        std::panic::resume_unwind(e);
+    }
 }
