@@ -910,7 +910,6 @@ fn fleet_page_in_chromium_with_10000_hosts_filters_opens_details_and_follows_ins
         "return document.getElementById('count').textContent === '3 of 10001 hosts'",
         Duration::from_secs(5),
     );
-    browser.screenshot("fleet-installing.png");
     browser.js("const q = document.getElementById('search'); q.value = ''; q.dispatchEvent(new Event('input'));");
     browser.click("#detail-close");
     browser.wait_for(
