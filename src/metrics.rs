@@ -119,26 +119,98 @@ pub fn fmt_f64(v: f64) -> String {
     }
 }
 
+/// Requests counted since the last flush, kept without strings so that
+/// counting costs a few comparisons on the request path.
+struct Requests {
+    /// (path, status, count)
+    counts: Vec<(&'static str, u16, u64)>,
+    latency: Vec<Latency>,
+}
+
+struct Latency {
+    path: &'static str,
+    /// Cumulative, per bound of [`REQUEST_BUCKETS`].
+    buckets: [u64; REQUEST_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+static REQUESTS: Mutex<Requests> = Mutex::new(Requests {
+    counts: Vec::new(),
+    latency: Vec::new(),
+});
+
 /// Counts a request the handler answered, with its latency. `path` is one
 /// of the handler's paths (or `other`), so the label set stays small.
-pub fn count_request(path: &str, status: u16, seconds: f64) {
-    let path = escape(path);
+pub fn count_request(path: &'static str, status: u16, seconds: f64) {
+    let mut r = lock(&REQUESTS);
+    match r
+        .counts
+        .iter_mut()
+        .find(|(p, s, _)| *p == path && *s == status)
+    {
+        Some(c) => c.2 += 1,
+        None => r.counts.push((path, status, 1)),
+    }
+    let i = match r.latency.iter().position(|l| l.path == path) {
+        Some(i) => i,
+        None => {
+            r.latency.push(Latency {
+                path,
+                buckets: [0; REQUEST_BUCKETS.len()],
+                count: 0,
+                sum: 0.0,
+            });
+            r.latency.len() - 1
+        }
+    };
+    let l = &mut r.latency[i];
+    for (n, b) in l.buckets.iter_mut().zip(REQUEST_BUCKETS) {
+        if seconds <= *b {
+            *n += 1;
+        }
+    }
+    l.count += 1;
+    l.sum += seconds;
+}
+
+/// Moves the counted requests into the pending series.
+fn absorb_requests() {
+    let (counts, latency) = {
+        let mut r = lock(&REQUESTS);
+        (
+            std::mem::take(&mut r.counts),
+            std::mem::take(&mut r.latency),
+        )
+    };
+    if counts.is_empty() && latency.is_empty() {
+        return;
+    }
     let mut p = lock(&PENDING);
-    add(
-        &mut p,
-        series(
-            "kiwispray_http_requests_total",
-            &format!("path=\"{path}\",status=\"{status}\""),
-        ),
-        1.0,
-    );
-    observe_into(
-        &mut p,
-        "kiwispray_http_request_duration_seconds",
-        &format!("path=\"{path}\""),
-        REQUEST_BUCKETS,
-        seconds,
-    );
+    for (path, status, n) in counts {
+        let labels = format!("path=\"{}\",status=\"{status}\"", escape(path));
+        add(
+            &mut p,
+            series("kiwispray_http_requests_total", &labels),
+            n as f64,
+        );
+    }
+    let name = "kiwispray_http_request_duration_seconds";
+    for l in latency {
+        let labels = format!("path=\"{}\"", escape(l.path));
+        for (n, b) in l.buckets.iter().zip(REQUEST_BUCKETS) {
+            if *n > 0 {
+                add(&mut p, bucket_key(name, &labels, &fmt_f64(*b)), *n as f64);
+            }
+        }
+        add(&mut p, bucket_key(name, &labels, "+Inf"), l.count as f64);
+        add(&mut p, series(&format!("{name}_sum"), &labels), l.sum);
+        add(
+            &mut p,
+            series(&format!("{name}_count"), &labels),
+            l.count as f64,
+        );
+    }
 }
 
 /// Counts a `/bootstrap` by what it decided (one of [`BOOT_OUTCOMES`]).
@@ -178,6 +250,7 @@ pub fn file_for(db: &Path) -> PathBuf {
 /// Adds this process's pending counts to `file` and returns the totals.
 /// On failure the counts stay pending for the next try.
 pub fn flush(file: &Path) -> io::Result<BTreeMap<String, f64>> {
+    absorb_requests();
     let pending = std::mem::take(&mut *lock(&PENDING));
     *lock(&LAST_FLUSH) = Some(Instant::now());
     match merge_into(file, &pending) {
@@ -195,6 +268,7 @@ pub fn flush(file: &Path) -> io::Result<BTreeMap<String, f64>> {
 /// Adds this process's pending counts to `file`, if it has any (a CGI
 /// process before it answers).
 pub fn save(file: &Path) -> io::Result<()> {
+    absorb_requests();
     if lock(&PENDING).is_empty() {
         return Ok(());
     }
@@ -205,7 +279,11 @@ pub fn save(file: &Path) -> io::Result<()> {
 /// is something to add.
 pub fn flush_if_due(file: &Path) {
     let due = lock(&LAST_FLUSH).is_none_or(|t| t.elapsed() >= FLUSH_INTERVAL);
-    if due && !lock(&PENDING).is_empty() {
+    if !due {
+        return;
+    }
+    absorb_requests();
+    if !lock(&PENDING).is_empty() {
         if let Err(e) = flush(file) {
             crate::api::log(&format!("cannot save metrics to {}: {e}", file.display()));
         }
