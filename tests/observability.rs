@@ -1090,6 +1090,11 @@ fn metrics_add_up_across_cgi_processes_under_lighttpd_mod_cgi() {
         assert_eq!(get("/api/v1/summary").status, 200);
         assert_eq!(get("/ui/").status, 200);
         assert_eq!(get("/ui/app.js").status, 200);
+        // Regression: the CGI config sent /fail to no file (lighttpd's
+        // 404); it reaches the handler, which refuses a wrong bootid.
+        let r = get("/fail?id=1&bootid=00000000000000000000000000000000");
+        assert_eq!(r.status, 409, "{}", r.text());
+        assert!(r.text().contains("not being installed"), "{}", r.text());
     }));
     let _ = web.kill();
     let _ = web.wait();
