@@ -811,6 +811,16 @@ fn fleet_page_in_chromium_with_10000_hosts_filters_opens_details_and_follows_ins
     assert_eq!(chips["failed"], 1);
     assert_eq!(chips["overdue"], 1);
     assert_eq!(chips["finished"], 10_000 - 1000 - 4);
+    // A state's count filters the table on that state.
+    browser.click("#summary .chip[data-state=\"new\"]");
+    browser.wait_for(
+        "filtered by the new chip",
+        "return document.getElementById('count').textContent === '1000 of 10000 hosts' && \
+         document.getElementById('search').value === 'state:new' && \
+         document.querySelector('#rows .row').dataset.id === '10'",
+        Duration::from_secs(5),
+    );
+    browser.click("#summary .chip[data-state=\"all\"]");
 
     // Sorting and filtering 10,000 hosts take well under a frame budget of
     // a second; scrolling to the end draws the last hosts.

@@ -21,7 +21,7 @@ const state = {
   selected: null,   // host id
   events: [],       // of the selected host
   next: 0,          // event log offset for ?since=
-  lastOk: null,
+  skew: 0,          // this clock minus the server's, in ms
 };
 
 const $ = (id) => document.getElementById(id);
@@ -44,7 +44,7 @@ function duration(secs) {
 
 function ago(rfc3339) {
   if (!rfc3339) return "-";
-  const s = Math.max(0, Math.round((Date.now() - Date.parse(rfc3339)) / 1000));
+  const s = Math.max(0, Math.round((Date.now() - state.skew - Date.parse(rfc3339)) / 1000));
   return `${duration(s)} ago`;
 }
 
@@ -96,9 +96,16 @@ const sorters = {
   attempt: (h) => (h._attempt ? h._attempt.seconds / Math.max(1, h._attempt.deadline_minutes * 60) : -1),
 };
 
+// Every word of the query must match; `state:NAME` matches the first
+// element of the state chain exactly.
+function matches(h, w) {
+  if (w.startsWith("state:")) return currentState(h).toLowerCase() === w.slice(6);
+  return h._search.includes(w);
+}
+
 function refilter() {
   const words = state.query.toLowerCase().split(/\s+/).filter(Boolean);
-  let v = state.hosts.filter((h) => words.every((w) => h._search.includes(w)));
+  let v = state.hosts.filter((h) => words.every((w) => matches(h, w)));
   if (state.attentionOnly) v = v.filter((h) => ["held", "failed", "overdue"].includes(h._cls));
   const key = sorters[state.sortKey];
   const dir = state.sortDir;
@@ -171,7 +178,7 @@ function drawSummary(s) {
     chips.push(c);
   };
   chip("", "all", s.hosts, "");
-  for (const [name, n] of Object.entries(s.states).sort()) chip("", name, n, name);
+  for (const [name, n] of Object.entries(s.states).sort()) chip("", name, n, `state:${name}`);
   chip("held", "held", s.held, "HELD");
   if (s.held_by_cause.failed) chip("failed", "failed", s.held_by_cause.failed, "HELD (failed)");
   chip("installing", "installing", s.installing, "installing");
@@ -194,11 +201,11 @@ async function getJSON(path) {
 async function refresh() {
   try {
     const [summary, hosts] = await Promise.all([getJSON("summary"), getJSON("hosts")]);
+    state.skew = Date.now() - Date.parse(hosts.generated);
     drawSummary(summary);
     state.hosts = hosts.hosts.map(prepare);
     refilter();
     if (state.selected !== null) await refreshDetail();
-    state.lastOk = hosts.generated;
     $("status").className = "";
     $("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (e) {
