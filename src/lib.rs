@@ -10,6 +10,7 @@
 //! - [`store`]: the locked, atomic load/save path shared by handler and CLI;
 //! - [`events`]: the append-only event log;
 //! - [`lifecycle`]: what a machine boots next, as pure functions;
+//! - [`select`]: the `--where` host selectors, as pure values;
 //! - [`render`]: `@name@` templates rendered with tinytemplate;
 //! - [`api`]: the HTTP paths; [`fcgi`]: the FastCGI and CGI adapters;
 //! - [`config`]: deployment settings.
@@ -26,4 +27,5 @@ pub mod images;
 pub mod lifecycle;
 pub mod render;
 pub mod runtime;
+pub mod select;
 pub mod store;

@@ -262,6 +262,31 @@ pub enum Cmd {
     ImportLiveIso(ImportLiveIsoArgs),
 }
 
+/// The hosts a command works on: HOST arguments, `--where` conditions, or
+/// both (then the named hosts that match).
+#[derive(Args, Debug, Clone, Default)]
+pub struct Targets {
+    /// The hosts: ids, MACs, serials or UUIDs.
+    #[arg(value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// Only hosts for which every condition holds, e.g. 'state=new
+    /// metadata.rack=R7', 'hostname=web*', 'id=100-199', 'held', 'overdue',
+    /// 'seen<1h' (see the man page). May be given more than once.
+    #[arg(long = "where", value_name = "EXPR")]
+    pub wheres: Vec<String>,
+}
+
+/// How a change to several hosts is confirmed.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Confirm {
+    /// Print the hosts and what would change; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Change more than one host without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct ListArgs {
     /// Also show all MACs, the UUID, when each host was last seen and
@@ -275,6 +300,9 @@ pub struct ListArgs {
     /// Only held hosts.
     #[arg(long)]
     pub held: bool,
+    /// Only hosts for which every condition holds (see `set --where`).
+    #[arg(long = "where", value_name = "EXPR")]
+    pub wheres: Vec<String>,
     /// Only hosts whose install is overdue.
     #[arg(long)]
     pub overdue: bool,
@@ -322,8 +350,10 @@ pub struct AddArgs {
 
 #[derive(Args, Debug)]
 pub struct SetArgs {
-    /// The host: id, MAC, serial or UUID.
-    pub host: String,
+    #[command(flatten)]
+    pub targets: Targets,
+    #[command(flatten)]
+    pub confirm: Confirm,
     /// New state or state chain, e.g. image1 or wipe,image1. Each element
     /// must be new, discover, finished, or have images/<S>/ or
     /// templates/<S>.tmpl. A new state ends an install in progress (its
@@ -351,21 +381,24 @@ pub struct SetArgs {
 
 #[derive(Args, Debug)]
 pub struct RemoveArgs {
-    /// The host: id, MAC, serial or UUID.
-    pub host: String,
+    #[command(flatten)]
+    pub targets: Targets,
+    #[command(flatten)]
+    pub confirm: Confirm,
 }
 
 #[derive(Args, Debug)]
 pub struct ReleaseArgs {
-    /// The hosts: ids, MACs, serials or UUIDs.
-    #[arg(required = true)]
-    pub hosts: Vec<String>,
+    #[command(flatten)]
+    pub targets: Targets,
+    #[command(flatten)]
+    pub confirm: Confirm,
 }
 
 #[derive(Args, Debug)]
 pub struct RenderArgs {
-    /// The host: id, MAC, serial or UUID.
-    pub host: String,
+    #[command(flatten)]
+    pub targets: Targets,
     /// Render the post-install script instead of the boot script.
     #[arg(long)]
     pub post_install: bool,
@@ -598,6 +631,7 @@ fn compat_command(
             state: None,
             held: false,
             overdue: false,
+            wheres: Vec::new(),
             json: false,
         })),
         (3.., None) => Err(Error::usage("-l may be given at most twice (-ll)")),
@@ -610,7 +644,11 @@ fn compat_command(
             json: false,
         })),
         (0, Some(host)) => Ok(Cmd::Set(SetArgs {
-            host,
+            targets: Targets {
+                hosts: vec![host],
+                wheres: Vec::new(),
+            },
+            confirm: Confirm::default(),
             state,
             hostname,
             meta,

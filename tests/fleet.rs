@@ -1,0 +1,331 @@
+//! Fleet operations through the real `kiwispray-hosts`: `--where`
+//! selectors on set, remove, release, render and list; dry runs; the
+//! confirmation a change to several hosts needs; one commit for a bulk
+//! change, all or nothing.
+
+mod common;
+
+use common::{bin_dir, repo, TempDir};
+use serde_json::Value;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// A root with `n` generated hosts (gen-hosts.sh: 80% finished, 10% new,
+/// 10% image1; metadata rack R00.. by id / 40) and an image `img`.
+fn root(tag: &str, n: usize) -> TempDir {
+    let dir = TempDir::new(tag);
+    let out = Command::new(repo().join("tests/bench/gen-hosts.sh"))
+        .arg(n.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    fs::write(dir.path().join("known_hosts.json"), out.stdout).unwrap();
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(repo().join("templates"))
+        .arg(dir.path().join("templates"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    fs::create_dir_all(dir.path().join("images/img")).unwrap();
+    fs::write(
+        dir.path().join("images/img/host.tmpl"),
+        "#!ipxe\necho INSTALL @id@ @hostname@\n",
+    )
+    .unwrap();
+    dir
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(root: &Path, args: &[&str]) -> Out {
+    let out = Command::new(bin_dir().join("kiwispray-hosts"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn hosts(root: &Path) -> Vec<Value> {
+    let out = cli(root, &["list", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    serde_json::from_str::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn db(root: &Path) -> Vec<u8> {
+    fs::read(root.join("known_hosts.json")).unwrap()
+}
+
+fn events(root: &Path) -> Vec<Value> {
+    fs::read_to_string(root.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The ids gen-hosts.sh puts in state `new` in rack R01 (ids 40..79).
+fn new_in_r01(n: u64) -> Vec<u64> {
+    (1..=n).filter(|i| i % 10 == 5 && i / 40 == 1).collect()
+}
+
+#[test]
+fn bulk_set_by_selector_is_one_commit_with_one_event_per_host() {
+    let r = root("bulkset", 400);
+    let want = new_in_r01(400);
+    assert_eq!(want.len(), 4);
+    let before = db(r.path());
+    let out = cli(
+        r.path(),
+        &[
+            "set",
+            "--where",
+            "state=new metadata.rack=R01",
+            "--state",
+            "img",
+        ],
+    );
+    assert_eq!(out.code, 2, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("this would change 4 hosts: add --yes"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(db(r.path()), before, "nothing written without --yes");
+    // A dry run shows every host and what would change, and writes nothing.
+    let out = cli(
+        r.path(),
+        &[
+            "set",
+            "--where",
+            "state=new",
+            "--where",
+            "metadata.rack=R01",
+            "--state",
+            "img",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for id in &want {
+        assert!(
+            out.stdout
+                .contains(&format!("host {id} (not-set): state new -> img")),
+            "{}",
+            out.stdout
+        );
+    }
+    assert!(
+        out.stdout.contains("dry run: 4 host(s) would change"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(db(r.path()), before);
+    let ino = fs::metadata(r.path().join("known_hosts.json")).unwrap();
+    let out = cli(
+        r.path(),
+        &[
+            "set",
+            "--where",
+            "state=new metadata.rack=R01",
+            "--state",
+            "img",
+            "--yes",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("4 hosts changed in one commit"),
+        "{}",
+        out.stdout
+    );
+    let changed: Vec<u64> = hosts(r.path())
+        .iter()
+        .filter(|h| h["state"] == "img")
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(changed, want);
+    let ev = events(r.path());
+    assert_eq!(ev.len(), 4, "one event per host");
+    assert!(ev
+        .iter()
+        .all(|e| e["from"] == "new" && e["to"] == "img" && e["cause"] == "cli"));
+    use std::os::unix::fs::MetadataExt;
+    let after = fs::metadata(r.path().join("known_hosts.json")).unwrap();
+    assert_ne!(after.ino(), ino.ino(), "replaced atomically");
+    // HOST arguments and --where together: the named hosts that match.
+    let out = cli(
+        r.path(),
+        &[
+            "set",
+            "45",
+            "46",
+            "55",
+            "--where",
+            "state=img",
+            "--hostname",
+            "picked",
+            "--yes",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let picked: Vec<u64> = hosts(r.path())
+        .iter()
+        .filter(|h| h["hostname"] == "picked")
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(picked, [45, 55]);
+}
+
+#[test]
+fn a_host_that_cannot_take_the_change_stops_the_whole_command() {
+    let r = root("allornothing", 100);
+    let out = cli(r.path(), &["set", "3", "--meta-set", "net=plain"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let before = db(r.path());
+    let events_before = events(r.path()).len();
+    let out = cli(
+        r.path(),
+        &[
+            "set",
+            "--where",
+            "id=1-5",
+            "--meta-set",
+            "net.vlan=7",
+            "--yes",
+        ],
+    );
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("1 host(s) cannot take the change, so nothing was changed: host 3: metadata net is \"plain\""),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(db(r.path()), before);
+    assert_eq!(events(r.path()).len(), events_before);
+    // Unknown states and bad expressions are refused before anything.
+    let out = cli(
+        r.path(),
+        &["set", "--where", "id=1-5", "--state", "ghost", "--yes"],
+    );
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("state \"ghost\""), "{}", out.stderr);
+    let out = cli(
+        r.path(),
+        &["set", "--where", "colour=red", "--state", "img", "--yes"],
+    );
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("unknown key"), "{}", out.stderr);
+    let out = cli(
+        r.path(),
+        &["set", "--where", "id=900-999", "--state", "img", "--yes"],
+    );
+    assert_eq!(out.code, 3);
+    assert!(
+        out.stderr.contains("no host matches --where id=900-999"),
+        "{}",
+        out.stderr
+    );
+    let out = cli(r.path(), &["set", "--state", "img"]);
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("name the hosts"), "{}", out.stderr);
+    assert_eq!(db(r.path()), before);
+}
+
+#[test]
+fn a_terminal_confirms_a_change_to_several_hosts() {
+    if Command::new("script").arg("--version").output().is_err() {
+        panic!("script (util-linux) is needed to give the CLI a terminal");
+    }
+    let r = root("confirm", 40);
+    let cmd = format!(
+        "{} --root {} set --where id=1-3 --hostname confirmed",
+        bin_dir().join("kiwispray-hosts").display(),
+        r.path().display()
+    );
+    for (answer, changed) in [("n\n", false), ("y\n", true)] {
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("change 3 hosts? [y/N]"), "{text}");
+        let n = hosts(r.path())
+            .iter()
+            .filter(|h| h["hostname"] == "confirmed")
+            .count();
+        assert_eq!(n, if changed { 3 } else { 0 }, "answer {answer:?}: {text}");
+    }
+}
+
+#[test]
+fn remove_release_render_and_list_take_selectors() {
+    let r = root("selectors", 100);
+    let out = cli(
+        r.path(),
+        &["list", "--where", "hostname=node0001*.rack00.*"],
+    );
+    assert_eq!(out.code, 0);
+    let lines: Vec<&str> = out.stdout.lines().skip(1).collect();
+    // node00010 .. node00019 in rack 00; 15 is `new` and has no hostname.
+    assert_eq!(lines.len(), 9, "{}", out.stdout);
+    let out = cli(
+        r.path(),
+        &["render", "10", "20", "--server", "10.0.0.1:5000"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("==> host 10 (node00010.rack00.example.net) <==\n#!ipxe\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("==> host 20 "), "{}", out.stdout);
+    let out = cli(r.path(), &["remove", "--where", "id=90-99", "--dry-run"]);
+    assert_eq!(out.code, 0);
+    assert!(
+        out.stdout.contains("dry run: 10 host(s) would be removed"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(hosts(r.path()).len(), 100);
+    let out = cli(r.path(), &["remove", "--where", "id=90-99", "--yes"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(hosts(r.path()).len(), 90);
+    assert_eq!(events(r.path()).len(), 10);
+    let out = cli(r.path(), &["release", "--where", "held"]);
+    assert_eq!(out.code, 3, "no host is held");
+    assert!(
+        out.stderr.contains("no host matches --where held"),
+        "{}",
+        out.stderr
+    );
+}
