@@ -52,6 +52,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{self, BufRead, IoSlice, Read, Write};
 use std::net::TcpListener;
+use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -1073,14 +1074,19 @@ fn shed_connection(sock: Socket, cfg: &Config) -> io::Result<()> {
     Err(invalid("no FastCGI BEGIN_REQUEST on refused connection"))
 }
 
-/// Starts the shedding threads; returns the queue feeding them.
-fn start_shedders(cfg: &Arc<Config>) -> Option<SyncSender<Socket>> {
+/// Starts the shedding threads; returns the queue feeding them. Before a
+/// queued connection is refused, a shedding thread offers it to the pool
+/// again, so a slot freed in the meantime serves it.
+fn start_shedders<F>(pool: &Arc<Pool<F>>) -> Option<SyncSender<Socket>>
+where
+    F: Fn(Request) + Send + Sync + 'static,
+{
     let (tx, rx) = mpsc::sync_channel::<Socket>(SHED_QUEUE);
     let rx = Arc::new(Mutex::new(rx));
     let mut started = 0;
     for _ in 0..SHED_THREADS {
         let rx = rx.clone();
-        let cfg = cfg.clone();
+        let pool = pool.clone();
         let spawned = thread::Builder::new()
             .name("fastcgi-shed".to_owned())
             .spawn(move || loop {
@@ -1089,9 +1095,13 @@ fn start_shedders(cfg: &Arc<Config>) -> Option<SyncSender<Socket>> {
                     Err(_) => return,
                 };
                 match next {
-                    // Failures are not logged: under overload they would
-                    // flood the log.
-                    Ok(sock) => drop(shed_connection(sock, &cfg)),
+                    Ok(sock) => {
+                        if let Err(sock) = pool.dispatch(sock) {
+                            // Failures are not logged: under overload they
+                            // would flood the log.
+                            drop(shed_connection(sock, &pool.cfg));
+                        }
+                    }
                     Err(_) => return,
                 }
             });
@@ -1132,6 +1142,124 @@ impl Drop for Slot {
     }
 }
 
+/// A connection handed to a connection thread, with the slot it holds.
+type Job = (Socket, Slot);
+
+/// The connection threads of a bounded accept loop. They are started on
+/// demand, one per slot in use, up to `max` in all, and then kept: a thread
+/// takes the next connection when it is done with one, so the process
+/// never has more than `max` connection threads, however fast connections
+/// come and go. (A thread per connection freed its slot just before the
+/// thread ended, so for a moment there could be more threads than slots.)
+struct Pool<F> {
+    handler: Arc<F>,
+    cfg: Arc<Config>,
+    max: usize,
+    /// Slots in use: connections queued for a thread or being served.
+    active: Arc<AtomicUsize>,
+    /// Connection threads started (never more than `max`).
+    workers: AtomicUsize,
+    jobs: SyncSender<Job>,
+    queue: Mutex<mpsc::Receiver<Job>>,
+    spawn_log: Mutex<RateLimitedLog>,
+}
+
+impl<F> Pool<F>
+where
+    F: Fn(Request) + Send + Sync + 'static,
+{
+    fn new(handler: Arc<F>, cfg: Arc<Config>, max: usize) -> Arc<Self> {
+        // A job holds a slot, so there are never more than `max` queued.
+        let (jobs, queue) = mpsc::sync_channel(max);
+        Arc::new(Pool {
+            handler,
+            cfg,
+            max,
+            active: Arc::new(AtomicUsize::new(0)),
+            workers: AtomicUsize::new(0),
+            jobs,
+            queue: Mutex::new(queue),
+            spawn_log: Mutex::new(RateLimitedLog::default()),
+        })
+    }
+
+    /// Hands `sock` to a connection thread if a slot is free; gives it
+    /// back otherwise.
+    fn dispatch(self: &Arc<Self>, sock: Socket) -> Result<(), Socket> {
+        let slot = match Slot::acquire(&self.active, self.max) {
+            Some(slot) => slot,
+            None => return Err(sock),
+        };
+        // Every slot in use needs a thread: queued jobs never wait for a
+        // thread that is busy with another connection.
+        if !self.ensure_workers(self.active.load(Ordering::Acquire).min(self.max)) {
+            // No thread at all: close it (without draining) and free the slot.
+            drop((sock, slot));
+            thread::sleep(Duration::from_millis(50));
+            return Ok(());
+        }
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
+            self.jobs.try_send((sock, slot))
+        {
+            drop(job);
+        }
+        Ok(())
+    }
+
+    /// Starts threads until there are at least `wanted`. False if there is
+    /// none and none can be started.
+    fn ensure_workers(self: &Arc<Self>, wanted: usize) -> bool {
+        loop {
+            let have = self.workers.load(Ordering::Acquire);
+            if have >= wanted {
+                return true;
+            }
+            if self
+                .workers
+                .compare_exchange(have, have + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            let pool = self.clone();
+            let spawned = thread::Builder::new()
+                .name("fastcgi-conn".to_owned())
+                .spawn(move || pool.work());
+            if let Err(e) = spawned {
+                self.workers.fetch_sub(1, Ordering::AcqRel);
+                if let Ok(mut l) = self.spawn_log.lock() {
+                    l.log(format_args!("cannot start connection thread: {e}"));
+                }
+                return have > 0;
+            }
+        }
+    }
+
+    /// A connection thread: serves one connection after the other.
+    fn work(&self) {
+        loop {
+            let job = match self.queue.lock() {
+                Ok(queue) => queue.recv(),
+                Err(poisoned) => poisoned.into_inner().recv(),
+            };
+            let Ok((mut sock, slot)) = job else { return };
+            sock.set_drain(true);
+            // A panicking handler ends its connection, not the thread, so
+            // that the thread count stays equal to the slots it serves.
+            let served = panic::catch_unwind(AssertUnwindSafe(|| {
+                serve_connection(sock, &*self.handler, &self.cfg)
+            }));
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log(format_args!("connection closed: {e}")),
+                Err(_) => log(format_args!("connection closed: the handler panicked")),
+            }
+            // The socket is closed (and drained) before the slot is freed.
+            drop(slot);
+        }
+    }
+}
+
 fn web_server_addrs() -> Option<HashSet<String>> {
     match std::env::var("FCGI_WEB_SERVER_ADDRS") {
         Ok(value) => Some(
@@ -1156,13 +1284,12 @@ where
     F: Fn(Request) + Send + Sync + 'static,
 {
     let addrs = web_server_addrs();
-    let handler = Arc::new(handler);
     let cfg = Arc::new(cfg);
-    let active = Arc::new(AtomicUsize::new(0));
-    let shed_queue = match cfg.max_connections {
-        Some(_) => start_shedders(&cfg),
-        None => None,
-    };
+    let max = cfg.max_connections;
+    // Unbounded (the historical entry points): a thread per connection.
+    let unbounded = Arc::new(handler);
+    let pool = max.map(|max| Pool::new(unbounded.clone(), cfg.clone(), max));
+    let shed_queue = pool.as_ref().and_then(start_shedders);
     let mut accept_log = RateLimitedLog::default();
     let mut spawn_log = RateLimitedLog::default();
     let mut overload_log = RateLimitedLog::default();
@@ -1192,33 +1319,31 @@ where
                 continue;
             }
         }
-        let slot = match cfg.max_connections {
-            None => None,
-            Some(max) => match Slot::acquire(&active, max) {
-                Some(slot) => Some(slot),
-                None => {
-                    overload_log.log(format_args!(
-                        "all {max} connections busy, answering with the overload response"
-                    ));
-                    if let Some(ref queue) = shed_queue {
-                        sock.set_drain(true);
-                        if let Err(
-                            TrySendError::Full(mut sock) | TrySendError::Disconnected(mut sock),
-                        ) = queue.try_send(sock)
-                        {
-                            sock.set_drain(false);
-                        }
+        if let Some(ref pool) = pool {
+            if let Err(mut sock) = pool.dispatch(sock) {
+                overload_log.log(format_args!(
+                    "all {} connections busy, answering with the overload response",
+                    pool.max
+                ));
+                if let Some(ref queue) = shed_queue {
+                    // Every refused connection gets the overload response:
+                    // when the shedding threads are behind, the accept loop
+                    // waits for them and further connections wait in the
+                    // listen backlog, instead of being closed unanswered
+                    // (which a web server reports as 502).
+                    sock.set_drain(true);
+                    if let Err(mpsc::SendError(mut sock)) = queue.send(sock) {
+                        sock.set_drain(false);
                     }
-                    continue;
                 }
-            },
-        };
-        let handler = handler.clone();
+            }
+            continue;
+        }
+        let handler = unbounded.clone();
         let thread_cfg = cfg.clone();
         let spawned = thread::Builder::new()
             .name("fastcgi-conn".to_owned())
             .spawn(move || {
-                let _slot = slot;
                 let mut sock = sock;
                 sock.set_drain(true);
                 if let Err(e) = serve_connection(sock, &*handler, &thread_cfg) {
