@@ -56,7 +56,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,11 @@ const RECORDS_PER_WRITE: usize = 16;
 /// Largest number of buffers passed to one `write_vectored` call.
 const MAX_WRITE_PARTS: usize = 3 * RECORDS_PER_WRITE;
 
+/// Longest wait for a free slot of the connection first in line before
+/// the waiting connections get the overload response. A request takes the
+/// handler well under a millisecond, so this is only reached when it is
+/// stuck or far behind.
+const ADMIT_WAIT: Duration = Duration::from_secs(1);
 /// Threads that answer connections refused for lack of a free slot.
 const SHED_THREADS: usize = 2;
 /// Refused connections waiting for a shedding thread; beyond that they are
@@ -1117,13 +1122,33 @@ where
     }
 }
 
+/// The connection slots of an accept loop: how many are in use, and a
+/// signal for a thread waiting for one to be freed.
+#[derive(Default)]
+struct Slots {
+    used: AtomicUsize,
+    lock: Mutex<()>,
+    freed: Condvar,
+}
+
+impl Slots {
+    /// Waits until a slot may have been freed, or `timeout` passes.
+    fn wait(&self, timeout: Duration) {
+        let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A slot freed between the caller's check and this wait is seen at
+        // most `timeout` later, so short timeouts keep that cheap.
+        drop(self.freed.wait_timeout(guard, timeout));
+    }
+}
+
 /// One busy connection slot; released on drop, also when the connection
 /// thread unwinds.
-struct Slot(Arc<AtomicUsize>);
+struct Slot(Arc<Slots>);
 
 impl Slot {
-    fn acquire(counter: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
-        counter
+    fn acquire(slots: &Arc<Slots>, max: usize) -> Option<Slot> {
+        slots
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 if n < max {
                     Some(n + 1)
@@ -1132,13 +1157,14 @@ impl Slot {
                 }
             })
             .ok()
-            .map(|_| Slot(counter.clone()))
+            .map(|_| Slot(slots.clone()))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
     }
 }
 
@@ -1156,7 +1182,7 @@ struct Pool<F> {
     cfg: Arc<Config>,
     max: usize,
     /// Slots in use: connections queued for a thread or being served.
-    active: Arc<AtomicUsize>,
+    active: Arc<Slots>,
     /// Connection threads started (never more than `max`).
     workers: AtomicUsize,
     jobs: SyncSender<Job>,
@@ -1175,7 +1201,7 @@ where
             handler,
             cfg,
             max,
-            active: Arc::new(AtomicUsize::new(0)),
+            active: Arc::new(Slots::default()),
             workers: AtomicUsize::new(0),
             jobs,
             queue: Mutex::new(queue),
@@ -1192,7 +1218,7 @@ where
         };
         // Every slot in use needs a thread: queued jobs never wait for a
         // thread that is busy with another connection.
-        if !self.ensure_workers(self.active.load(Ordering::Acquire).min(self.max)) {
+        if !self.ensure_workers(self.active.used.load(Ordering::Acquire).min(self.max)) {
             // No thread at all: close it (without draining) and free the slot.
             drop((sock, slot));
             thread::sleep(Duration::from_millis(50));
@@ -1204,6 +1230,24 @@ where
             drop(job);
         }
         Ok(())
+    }
+
+    /// Hands `sock` to a connection thread as soon as a slot is free,
+    /// waiting at most `wait`; gives it back if none was.
+    fn wait_for_slot(self: &Arc<Self>, mut sock: Socket, wait: Duration) -> Result<(), Socket> {
+        let deadline = Instant::now() + wait;
+        loop {
+            sock = match self.dispatch(sock) {
+                Ok(()) => return Ok(()),
+                Err(sock) => sock,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(sock);
+            }
+            self.active
+                .wait((deadline - now).min(Duration::from_millis(5)));
+        }
     }
 
     /// Starts threads until there are at least `wanted`. False if there is
@@ -1293,6 +1337,7 @@ where
     let mut accept_log = RateLimitedLog::default();
     let mut spawn_log = RateLimitedLog::default();
     let mut overload_log = RateLimitedLog::default();
+    let mut shedding = false;
     loop {
         let mut sock = match transport.accept() {
             Ok(sock) => sock,
@@ -1320,7 +1365,27 @@ where
             }
         }
         if let Some(ref pool) = pool {
-            if let Err(mut sock) = pool.dispatch(sock) {
+            let sock = match pool.dispatch(sock) {
+                Ok(()) => {
+                    shedding = false;
+                    continue;
+                }
+                Err(sock) => sock,
+            };
+            // All slots are busy. The connection waits for one, and further
+            // connections wait in the listen backlog, first come first
+            // served, as long as slots are freed now and then: the
+            // connection at the head waits at most ADMIT_WAIT. Beyond that
+            // the handler is stuck or overrun: the waiting connections are
+            // answered with the overload response, as fast as they come,
+            // until a slot is free again.
+            let sock = if shedding {
+                Err(sock)
+            } else {
+                pool.wait_for_slot(sock, ADMIT_WAIT)
+            };
+            if let Err(mut sock) = sock {
+                shedding = true;
                 overload_log.log(format_args!(
                     "all {} connections busy, answering with the overload response",
                     pool.max
@@ -1387,12 +1452,16 @@ where
 #[cfg(unix)]
 /// Like `run_raw`, with bounded resources.
 ///
-/// At most `limits.max_connections` connections are served at once, each by
-/// its own thread. A connection accepted while all of them are busy gets no
-/// thread: a small fixed set of threads reads its BEGIN_REQUEST (giving up
-/// after about two seconds), answers with `limits.overload_response` as the
-/// STDOUT stream of that request, ends the request and closes the
-/// connection. The accept loop itself never waits on a peer.
+/// At most `limits.max_connections` connections are served at once, by as
+/// many threads at most, started on demand and then kept. When all of them
+/// are busy, the next connection waits for a free one, and further
+/// connections wait in the listen backlog, first come first served. Only
+/// when the connection first in line has waited a second do the waiting
+/// connections get no thread: a small fixed set of threads reads each one's
+/// BEGIN_REQUEST (giving up after about two seconds), answers with
+/// `limits.overload_response` as the STDOUT stream of that request, ends
+/// the request and closes the connection, until a slot is free again. The
+/// accept loop itself never reads from or writes to a peer.
 ///
 /// Available under Unix only.
 ///
@@ -1486,7 +1555,6 @@ mod tests {
     use std::net::{Shutdown, TcpStream};
     use std::os::unix::io::{AsRawFd, IntoRawFd};
     use std::os::unix::net::UnixStream;
-    use std::sync::Condvar;
     use std::thread::JoinHandle;
 
     const WAIT: Duration = Duration::from_secs(10);
@@ -1875,7 +1943,7 @@ mod tests {
 
     #[test]
     fn slot_is_released_when_connection_thread_panics() {
-        let counter = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::new(Slots::default());
         let slot = Slot::acquire(&counter, 1).unwrap();
         assert!(Slot::acquire(&counter, 1).is_none());
         let result = thread::spawn(move || {
@@ -1884,7 +1952,7 @@ mod tests {
         })
         .join();
         assert!(result.is_err());
-        assert_eq!(counter.load(Ordering::SeqCst), 0);
+        assert_eq!(counter.used.load(Ordering::SeqCst), 0);
         assert!(Slot::acquire(&counter, 1).is_some());
     }
 
@@ -1911,6 +1979,84 @@ mod tests {
         assert!(is_timeout(&err), "{err:?}");
         assert!(start.elapsed() < Duration::from_secs(5));
         drop(client);
+    }
+
+    #[test]
+    fn connection_threads_never_exceed_the_slots() {
+        // Many short connections, one after the other and at once: each
+        // is served, and there are never more threads than slots, however
+        // fast connections end and new ones come.
+        let cfg = Arc::new(Config::bounded(Limits {
+            max_connections: 3,
+            read_timeout: Some(WAIT),
+            ..Limits::default()
+        }));
+        let served = Arc::new(AtomicUsize::new(0));
+        let counter = served.clone();
+        let pool = Pool::new(
+            Arc::new(move |mut req: Request| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                req.stdout().write_all(b"Status: 200 OK\r\n\r\nok").unwrap();
+            }),
+            cfg,
+            3,
+        );
+        for _ in 0..200 {
+            let (mut client, server) = UnixStream::pair().unwrap();
+            client.set_read_timeout(Some(WAIT)).unwrap();
+            client.write_all(&request(1, false, &[])).unwrap();
+            let mut sock = Socket::from_raw_fd(server.into_raw_fd());
+            loop {
+                sock = match pool.dispatch(sock) {
+                    Ok(()) => break,
+                    Err(sock) => sock,
+                };
+                pool.active.wait(Duration::from_millis(5));
+            }
+            assert!(pool.workers.load(Ordering::SeqCst) <= 3);
+            let records = read_response(&mut client);
+            assert_eq!(stream_of(&records, STDOUT), b"Status: 200 OK\r\n\r\nok");
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 200);
+        assert_eq!(pool.workers.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_connection_waits_for_a_slot_freed_soon() {
+        // One slot, held by a handler for 300 ms: the next connection is
+        // served after it, not refused.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 1,
+            read_timeout: Some(WAIT),
+            ..Limits::default()
+        };
+        thread::spawn(move || {
+            let fd = listener.as_raw_fd();
+            run_raw_with(
+                |mut req| {
+                    thread::sleep(Duration::from_millis(300));
+                    req.stdout().write_all(b"Status: 200 OK\r\n\r\nok").unwrap();
+                },
+                fd,
+                limits,
+            );
+            drop(listener);
+        });
+        let conns: Vec<TcpStream> = (0..3)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                s.write_all(&request(1, false, &[])).unwrap();
+                s
+            })
+            .collect();
+        for mut s in conns {
+            let records = read_response(&mut s);
+            assert_eq!(stream_of(&records, STDOUT), b"Status: 200 OK\r\n\r\nok");
+            // Closed once answered, as a web server does.
+        }
     }
 
     #[test]
