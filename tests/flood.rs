@@ -340,6 +340,20 @@ fn spawn_small<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thr
         .expect("start a client thread")
 }
 
+/// A stack whose handler serves at most `max` connections at once.
+fn stack_with_max_connections(max: u64) -> Stack {
+    Stack::start_with(Options {
+        prepare: Some(Box::new(move |root| {
+            fs::write(
+                root.join("kiwispray.json"),
+                format!("{{\"max_connections\": {max}}}\n"),
+            )
+            .unwrap();
+        })),
+        ..Options::default()
+    })
+}
+
 #[test]
 fn flood_never_gives_502() {
     let limit = open_files_limit();
@@ -348,16 +362,7 @@ fn flood_never_gives_502() {
         "the flood needs about 2,100 open files (and the web server as many); \
          the limit is {limit}: raise it with `ulimit -n 4096`"
     );
-    let mut stack = Stack::start_with(Options {
-        prepare: Some(Box::new(|root| {
-            fs::write(
-                root.join("kiwispray.json"),
-                format!("{{\"max_connections\": {MAX_CONNECTIONS}}}\n"),
-            )
-            .unwrap();
-        })),
-        ..Options::default()
-    });
+    let mut stack = stack_with_max_connections(MAX_CONNECTIONS);
     let handler = handler_pid(stack.pid().unwrap());
     let addr: SocketAddr = stack.addr().parse().unwrap();
     // A known machine for the normal clients, and each busy client's
@@ -507,4 +512,123 @@ fn flood_never_gives_502() {
         200
     );
     assert_eq!(stack.get("/state?id=1").status, 200);
+}
+
+/// A handler that cannot answer for a while (every slot waits for the
+/// database lock, held here as a slow `kiwispray-hosts` or disk would):
+/// the requests beyond its slots get 503 with Retry-After through the web
+/// server, never 502, and are served on retry once it answers again.
+#[test]
+fn stuck_handler_answers_503_with_retry_after_not_502() {
+    use fs2::FileExt;
+    const MAX: u64 = 8;
+    const REQUESTS: u32 = 40;
+    const BURST: usize = 1100;
+    let mut stack = stack_with_max_connections(MAX);
+    let handler = handler_pid(stack.pid().unwrap());
+    let addr: SocketAddr = stack.addr().parse().unwrap();
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(stack.root.join(".known_hosts.json.lock"))
+        .unwrap();
+    lock.lock_exclusive().unwrap();
+    let tally = Arc::new(Tally::default());
+    // New machines registering: each registration waits for the lock.
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|n| {
+            let tally = tally.clone();
+            spawn_small(move || {
+                normal_request(addr, &format!("/bootstrap?net0={}", mac(0xd0, n)), &tally)
+            })
+        })
+        .collect();
+    // Meanwhile a burst of more requests than nginx passes on (1024): each
+    // is answered, served or 503 with Retry-After, none 502 or closed.
+    thread::sleep(Duration::from_millis(300));
+    let burst = {
+        let tally = tally.clone();
+        spawn_small(move || {
+            let req =
+                b"GET /state?id=1 HTTP/1.1\r\nHost: 127.0.0.1:5000\r\nConnection: close\r\n\r\n";
+            let socks: Vec<TcpStream> = (0..BURST)
+                .filter_map(|_| {
+                    let mut s = connect(addr).ok()?;
+                    s.write_all(req).ok()?;
+                    Some(s)
+                })
+                .collect();
+            let sent = socks.len();
+            let mut unanswered = 0;
+            for s in socks {
+                match read_answer(&mut BufReader::new(s)) {
+                    Ok(Some(a)) => tally.note(&tally.flood, &a),
+                    _ => unanswered += 1,
+                }
+            }
+            (sent, unanswered)
+        })
+    };
+    let mut peak_threads = 0;
+    let release = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < release {
+        peak_threads = peak_threads.max(threads_of(handler).unwrap_or(0));
+        thread::sleep(Duration::from_millis(5));
+    }
+    lock.unlock().unwrap();
+    for r in requests {
+        r.join().unwrap();
+    }
+    let (burst_sent, burst_unanswered) = burst.join().unwrap();
+    let burst_statuses = tally.flood.lock().unwrap().clone();
+    let statuses = tally.normal.lock().unwrap().clone();
+    let served =
+        tally.served_first.load(Ordering::Relaxed) + tally.served_retry.load(Ordering::Relaxed);
+    let failed = tally.failed.lock().unwrap().clone();
+    eprintln!(
+        "stuck handler behind {}: {served} of {REQUESTS} registrations served ({} on retry); \
+         attempts answered {statuses:?}; a burst of {burst_sent} got {burst_statuses:?} \
+         ({burst_unanswered} unanswered); handler threads peaked at {peak_threads} \
+         (max_connections {MAX})",
+        common::web(),
+        tally.served_retry.load(Ordering::Relaxed),
+    );
+    let bad = |s: u16| s >= 500 && s != 503;
+    assert_eq!(
+        Tally::sum(&tally.normal, bad) + Tally::sum(&tally.flood, bad),
+        0,
+        "5xx other than 503: {statuses:?}, burst {burst_statuses:?}"
+    );
+    assert!(
+        burst_sent >= BURST * 9 / 10,
+        "only {burst_sent} of the burst connected"
+    );
+    assert_eq!(
+        burst_unanswered, 0,
+        "burst requests closed without an answer"
+    );
+    assert!(
+        statuses.get(&503).copied().unwrap_or(0) > 0,
+        "no request was refused while every slot was stuck: {statuses:?}"
+    );
+    assert_eq!(
+        tally.no_retry_after.load(Ordering::Relaxed),
+        0,
+        "503 without Retry-After"
+    );
+    assert_eq!(
+        served, REQUESTS as u64,
+        "not all served on retry: {failed:?}"
+    );
+    assert!(
+        peak_threads <= MAX + EXTRA_THREADS,
+        "{peak_threads} handler threads for max_connections {MAX}"
+    );
+    assert_eq!(
+        stack.hosts().len(),
+        REQUESTS as usize,
+        "each machine registered once"
+    );
+    assert!(stack.running(), "the stack died:\n{}", stack.serve_log());
 }
