@@ -130,10 +130,13 @@ pub enum Role {
 /// Resource limits for [`run_raw_with`] and [`run_tcp_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest number of connections served at the same time, each by its
-    /// own thread (idle keep-alive connections count). Further connections
-    /// are answered with `overload_response` and closed. Values below 1 are
-    /// treated as 1. Also reported as `FCGI_MAX_CONNS` and `FCGI_MAX_REQS`.
+    /// Largest number of connections served at the same time, each by a
+    /// thread of its own while it lasts (idle keep-alive connections
+    /// count); also the most connection threads ever started. Further
+    /// connections wait for a free one; when none is freed for a second
+    /// they are answered with `overload_response` and closed. Values below
+    /// 1 are treated as 1. Also reported as `FCGI_MAX_CONNS` and
+    /// `FCGI_MAX_REQS`.
     pub max_connections: usize,
     /// Raw CGI response (header lines, blank line, body) sent as the STDOUT
     /// stream of a request that is refused because all slots are busy.
@@ -1536,8 +1539,7 @@ where
 
 #[cfg(windows)]
 /// Accepts requests from a user-supplied TCP listener, with bounded
-/// resources: at most `limits.max_connections` connections are served at
-/// once; further ones are answered with `limits.overload_response`.
+/// resources as described for `run_raw_with`.
 pub fn run_tcp_with<F>(handler: F, listener: &TcpListener, limits: Limits)
 where
     F: Fn(Request) + Send + Sync + 'static,
