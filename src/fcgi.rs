@@ -193,6 +193,20 @@ mod tests {
     }
 
     #[test]
+    fn the_overload_response_is_a_503_with_retry_after() {
+        let cgi = String::from_utf8(overload_response().to_cgi()).unwrap();
+        assert!(
+            cgi.starts_with("Status: 503 Service Unavailable\r\n"),
+            "{cgi}"
+        );
+        assert!(cgi.contains(&format!("\r\nRetry-After: {RETRY_AFTER_SECONDS}\r\n")));
+        assert!(
+            cgi.ends_with("\r\n\r\nkiwispray: busy, retry later\n"),
+            "{cgi}"
+        );
+    }
+
+    #[test]
     fn paths_from_nginx_lighttpd_and_cgi() {
         let mut empty: &[u8] = b"";
         let nginx = vars(&[("DOCUMENT_URI", "/bootstrap"), ("SCRIPT_NAME", "")]);
