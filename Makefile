@@ -58,10 +58,11 @@ fmt:
 	$(CARGO) fmt --all
 
 # Unit tests, the CLI, reliability and packaging tests, and the HTTP suite
-# through real nginx; then the HTTP suite again through real lighttpd.
+# and the flood test through real nginx; then the HTTP suite and the flood
+# test again through real lighttpd.
 test-unit: deps-test
 	$(CARGO) test --locked --no-fail-fast
-	KIWISPRAY_WEB=lighttpd $(CARGO) test --locked --test http --test install_safety
+	KIWISPRAY_WEB=lighttpd $(CARGO) test --locked --test http --test install_safety --test flood
 
 # Real firmware: QEMU guests, iPXE, dnsmasq and nginx in a network namespace.
 test-e2e: deps-test build

@@ -36,10 +36,10 @@ pub const CONFIG_FILE: &str = "kiwispray.json";
 pub const DATABASE_FILE: &str = "known_hosts.json";
 /// The event log in a deployment root.
 pub const EVENTS_FILE: &str = "events.jsonl";
-/// FastCGI connections served at once unless configured. Web servers keep
-/// idle connections open (nginx/kiwispray.conf: 16 per worker), and those
-/// hold slots too, so this leaves room for a burst of 64 booting machines
-/// beside them.
+/// FastCGI connections served at once unless configured. Connections
+/// beyond it wait for a free one (see nginx/kiwispray.conf); idle
+/// keep-alive connections of a web server would hold slots too, so the
+/// shipped configurations keep none.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 
 #[derive(Debug, Clone, Default, Deserialize)]
