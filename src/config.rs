@@ -11,7 +11,8 @@
 //!   "max_connections": 128,
 //!   "max_install_boots": 3,
 //!   "install_deadline_minutes": 60,
-//!   "hold_overdue": false
+//!   "hold_overdue": false,
+//!   "max_installs": 50
 //! }
 //! ```
 //!
@@ -20,6 +21,7 @@
 //! `max_install_boots` and `install_deadline_minutes` drive the install
 //! safety of [`crate::lifecycle::install_decision`]; an image may set its own
 //! deadline in `images/<state>/image.json` (`{"install_deadline_minutes": 90}`).
+//! `max_installs` caps how many hosts install at once (absent: no cap).
 //!
 //! This is also the one place where a state name becomes a path
 //! ([`Config::image_dir`] and the template lists built on it): every caller,
@@ -62,6 +64,8 @@ struct FileSettings {
     #[serde(default)]
     hold_overdue: bool,
     #[serde(default)]
+    max_installs: Option<usize>,
+    #[serde(default)]
     database: Option<PathBuf>,
     #[serde(default)]
     event_log: Option<PathBuf>,
@@ -85,6 +89,8 @@ pub struct Config {
     pub install_deadline_minutes: u64,
     /// Whether an overdue host's next boot holds it.
     pub hold_overdue: bool,
+    /// How many hosts may install at once (`None`: no limit).
+    pub max_installs: Option<usize>,
 }
 
 /// Install boots without a `/finish` before a host is held, unless set.
@@ -156,6 +162,15 @@ impl Config {
                 None => DEFAULT_INSTALL_DEADLINE_MINUTES,
             },
             hold_overdue: settings.hold_overdue,
+            max_installs: match settings.max_installs {
+                Some(0) => {
+                    return Err(format!(
+                        "config {}: max_installs must be at least 1 (leave it out for no limit)",
+                        path.as_deref().unwrap_or(Path::new(CONFIG_FILE)).display()
+                    ))
+                }
+                m => m,
+            },
         })
     }
 

@@ -329,3 +329,93 @@ fn remove_release_render_and_list_take_selectors() {
         out.stderr
     );
 }
+
+/// A stack with hosts 1..=n in state `img` and `settings` as kiwispray.json.
+fn stack_in_img(n: u64, settings: &str) -> common::Stack {
+    let settings = settings.to_string();
+    common::Stack::start_with(common::Options {
+        prepare: Some(Box::new(move |root: &Path| {
+            let hosts: Vec<Value> = (1..=n)
+                .map(|i| {
+                    serde_json::json!({"id": i, "macs": format!("52:54:00:00:10:{i:02X}"),
+                    "serial": format!("CAP{i}"), "uuid": "", "hostname": format!("cap{i}"),
+                    "state": "img", "metadata": {}})
+                })
+                .collect();
+            fs::write(
+                root.join("known_hosts.json"),
+                Value::Array(hosts).to_string(),
+            )
+            .unwrap();
+            fs::create_dir_all(root.join("images/img")).unwrap();
+            fs::write(
+                root.join("images/img/host.tmpl"),
+                "#!ipxe\necho INSTALL @id@\necho BOOTID @bootid@\n",
+            )
+            .unwrap();
+            fs::write(root.join("kiwispray.json"), settings).unwrap();
+        })),
+        ..common::Options::default()
+    })
+}
+
+#[test]
+fn max_installs_caps_open_attempts_under_concurrent_boots() {
+    let s = std::sync::Arc::new(stack_in_img(30, r#"{"max_installs": 5}"#));
+    let mut threads = Vec::new();
+    for i in 1..=30u64 {
+        let s = s.clone();
+        threads.push(std::thread::spawn(move || {
+            let r = s.get_as_pxe(&format!("/bootstrap?net0=52-54-00-00-10-{i:02x}"));
+            assert_eq!(r.status, 200, "{}", r.text());
+            (i, r.text())
+        }));
+    }
+    let answers: Vec<(u64, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let started: Vec<&(u64, String)> = answers
+        .iter()
+        .filter(|(_, t)| t.contains("BOOTID"))
+        .collect();
+    let waiting: Vec<&(u64, String)> = answers
+        .iter()
+        .filter(|(_, t)| t.contains("waits its turn"))
+        .collect();
+    assert_eq!(started.len(), 5, "{answers:?}");
+    assert_eq!(waiting.len(), 25);
+    let w = &waiting[0].1;
+    assert!(
+        w.contains("5 of at most 5 machines are installing now"),
+        "{w}"
+    );
+    assert!(
+        w.contains("sleep 60\nchain --autofree bootstrap.ipxe || reboot"),
+        "{w}"
+    );
+    let list = cli(&s.root, &["list", "--where", "installing"]);
+    assert_eq!(list.stdout.lines().count(), 1 + 5, "{}", list.stdout);
+    // Waiting machines got no bootid and counted no attempt.
+    let (wid, _) = waiting[0];
+    let one = cli(&s.root, &["show", &wid.to_string(), "--json"]);
+    let v: Value = serde_json::from_str(&one.stdout).unwrap();
+    assert!(v["host"]["runtime"]["attempts"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // A machine already installing may boot again; two finishes free two slots.
+    let (sid, text) = started[0];
+    let again = s.get_as_pxe(&format!("/bootstrap?net0=52-54-00-00-10-{sid:02x}"));
+    assert!(again.text().contains("BOOTID"), "{}", again.text());
+    let _ = text;
+    for (id, _) in &started[1..3] {
+        let b = s.field(*id, "bootid");
+        assert_eq!(s.get(&format!("/finish?id={id}&bootid={b}")).status, 200);
+    }
+    let mut more = 0;
+    for (id, _) in &waiting {
+        let r = s.get_as_pxe(&format!("/bootstrap?net0=52-54-00-00-10-{id:02x}"));
+        if r.text().contains("BOOTID") {
+            more += 1;
+        }
+    }
+    assert_eq!(more, 2);
+}
