@@ -14,7 +14,8 @@
 //! - [`render`]: `@name@` templates rendered with tinytemplate;
 //! - [`api`]: the HTTP paths; [`fcgi`]: the FastCGI and CGI adapters;
 //! - [`config`]: deployment settings.
-//! - [`cli`]: the `kiwispray-hosts` commands; [`images`]: KIWI image and live ISO import.
+//! - [`cli`]: the `kiwispray-hosts` commands; [`images`]: KIWI image and live ISO import;
+//!   [`inventory`]: inventory import as a pure plan.
 
 pub mod api;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod fcgi;
 pub mod hosts;
 pub mod identity;
 pub mod images;
+pub mod inventory;
 pub mod lifecycle;
 pub mod render;
 pub mod runtime;

@@ -419,3 +419,97 @@ fn max_installs_caps_open_attempts_under_concurrent_boots() {
     }
     assert_eq!(more, 2);
 }
+
+#[test]
+fn import_inventory_adds_updates_and_refuses_all_or_nothing() {
+    let r = root("inventory", 20);
+    // Host 1 of gen-hosts.sh: MAC 0C:C4:7A:00:00:01, serial CZ0000001K.
+    let bad = "\u{feff}mac,serial,hostname,state,metadata.rack\r\n\
+               0c-c4-7a-00-00-01,,renamed1,,R9\r\n\
+               52:54:00:aa:00:01;52:54:00:aa:00:02,NEW-1,new1,img,R9\r\n\
+               zz:zz,NEW-2,new2,,\r\n\
+               0c-c4-7a-00-00-03,CZ0000002K,new3,,\r\n\
+               52:54:00:aa:00:04,,wéb,,\r\n\
+               52:54:00:aa:00:01,,again,,\r\n\
+               52:54:00:aa:00:05,,ghosty,ghost,\r\n";
+    let file = r.path().join("vendor.csv");
+    fs::write(&file, bad).unwrap();
+    let before = db(r.path());
+    let out = cli(r.path(), &["import-inventory", file.to_str().unwrap()]);
+    assert_eq!(out.code, 2, "{}\n{}", out.stdout, out.stderr);
+    for want in [
+        "line 2: update host 1 (renamed1): hostname",
+        "line 3: add host 21 (new1, 52:54:00:AA:00:01 52:54:00:AA:00:02)",
+        "line 4: refused: mac \"zz:zz\"",
+        "line 5: refused: its keys belong to different hosts (host 3 and host 2)",
+        "line 6: refused: hostname \"wéb\" is not valid",
+        "line 7: refused: MAC 52:54:00:AA:00:01 is also on line 3",
+        "line 8: refused: state \"ghost\"",
+        "1 would be added, 1 would be updated, 0 unchanged, 5 refused; nothing was written",
+    ] {
+        assert!(out.stdout.contains(want), "{want}\n{}", out.stdout);
+    }
+    assert_eq!(db(r.path()), before, "a refusal writes nothing");
+    let out = cli(
+        r.path(),
+        &["import-inventory", file.to_str().unwrap(), "--skip-bad"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("1 added, 1 updated, 0 unchanged, 5 refused (one commit)"),
+        "{}",
+        out.stdout
+    );
+    let hs = hosts(r.path());
+    assert_eq!(hs.len(), 21);
+    let h1 = hs.iter().find(|h| h["id"] == 1).unwrap();
+    assert_eq!(h1["hostname"], "renamed1");
+    assert_eq!(h1["metadata"]["rack"], "R9");
+    assert_eq!(h1["metadata"]["role"], "compute", "other metadata kept");
+    let h21 = hs.iter().find(|h| h["id"] == 21).unwrap();
+    assert_eq!(h21["state"], "img");
+    assert_eq!(events(r.path()).len(), 2);
+    // JSON, again: now unchanged; a dry run writes nothing.
+    let json = r.path().join("vendor.json");
+    fs::write(
+        &json,
+        r#"[{"mac": ["0c:c4:7a:00:00:01"], "hostname": "renamed1", "metadata": {"rack": "R9"}},
+            {"serial": "NEW-9", "mac": "52:54:00:aa:00:09", "metadata.net.vlan": 7}]"#,
+    )
+    .unwrap();
+    let out = cli(
+        r.path(),
+        &["import-inventory", json.to_str().unwrap(), "--dry-run"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("1 would be added, 0 would be updated, 1 unchanged, 0 refused; dry run"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(hosts(r.path()).len(), 21);
+    let out = cli(
+        r.path(),
+        &["import-inventory", json.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(out.code, 0);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["added"], 1);
+    assert_eq!(v["written"], true);
+    let h = hosts(r.path())
+        .into_iter()
+        .find(|h| h["serial"] == "NEW-9")
+        .unwrap();
+    assert_eq!(h["metadata"]["net"]["vlan"], 7);
+    // A file that is not an inventory is one clear error.
+    fs::write(&file, "colour,size\nred,1\n").unwrap();
+    let out = cli(r.path(), &["import-inventory", file.to_str().unwrap()]);
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("unknown column \"colour\""),
+        "{}",
+        out.stderr
+    );
+}

@@ -16,6 +16,7 @@ pub mod check;
 pub mod display;
 mod history;
 pub mod hosts;
+mod import_inventory;
 mod list;
 pub mod man;
 pub mod preview;
@@ -260,6 +261,19 @@ pub enum Cmd {
                       Needs xorriso."
     )]
     ImportLiveIso(ImportLiveIsoArgs),
+    /// Add and update hosts from a vendor's inventory (CSV or JSON).
+    #[command(
+        long_about = "Add and update hosts from an inventory file: CSV with a header row, or a \
+                      JSON array of objects. Columns: mac (one or more, separated by ';'), serial, \
+                      uuid, hostname, state, bmc and metadata.<path>. Each row is matched to an \
+                      existing host by any of its MACs, its serial or its UUID and updates it; \
+                      the other rows are added. The report lists added, updated, unchanged and \
+                      refused rows with their line numbers and reasons. Any refused row (a key \
+                      that belongs to another host, a bad MAC, an unknown state, a row that \
+                      repeats another) writes nothing, unless --skip-bad. All the changes are \
+                      one commit."
+    )]
+    ImportInventory(ImportInventoryArgs),
 }
 
 /// The hosts a command works on: HOST arguments, `--where` conditions, or
@@ -449,6 +463,22 @@ pub struct ImportImageArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ImportInventoryArgs {
+    /// The inventory: *.csv, or *.json (else detected from its first
+    /// character).
+    pub file: PathBuf,
+    /// Print what would be added and updated; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Import the good rows even if some are refused.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct ImportLiveIsoArgs {
     /// The image (and state) name: images/<NAME>/.
     pub name: String,
@@ -610,6 +640,7 @@ fn dispatch(cli: Cli) -> Result<Exit> {
         Cmd::Check(a) => check::check(&ctx, &a),
         Cmd::ImportImage(a) => import_image(&ctx, &a),
         Cmd::ImportLiveIso(a) => import_live_iso(&ctx, &a),
+        Cmd::ImportInventory(a) => import_inventory::import_inventory(&ctx, &a),
     }
 }
 
