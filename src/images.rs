@@ -1599,6 +1599,39 @@ mod tests {
     }
 
     #[test]
+    fn install_devices_and_profiles() {
+        for good in [
+            "/dev/sda",
+            "/dev/nvme0n1",
+            "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4",
+            "/dev/disk/by-path/pci-0000:00:1f.2-ata-1",
+        ] {
+            assert!(check_install_device(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "sda",
+            "/dev/",
+            "/dev//sda",
+            "/dev/../sda",
+            "/dev/./sda",
+            "/sys/sda",
+            "/dev/sda b",
+            "/dev/${x}",
+            "/dev/sda||x",
+            "/dev/a\\x20b",
+            "/dev/sda\n",
+        ] {
+            assert!(check_install_device(bad).is_err(), "{bad:?}");
+        }
+        assert!(profile_unattended("a='1'\nkiwi_oemunattended='true'\n"));
+        assert!(profile_unattended("kiwi_oemunattended=\"true\""));
+        assert!(!profile_unattended("kiwi_oemunattended='false'\n"));
+        assert!(!profile_unattended("kiwi_oemunattended_id='true'\n"));
+        assert!(!profile_unattended("kiwi_iname='x'\n"));
+    }
+
+    #[test]
     fn image_names() {
         assert!(check_image_name("sles15-sp6_web").is_ok());
         for bad in ["new", "finished", "a.xz", "a@b", "../x", ".hidden", ""] {
