@@ -253,17 +253,26 @@ fn check_install_disks(ctx: &Ctx, hosts: &[Host], r: &mut Report) {
     let templates = Templates::default();
     let mut infos: HashMap<String, Option<ImageInfo>> = HashMap::new();
     for h in hosts {
-        match h.metadata.get(INSTALL_DEVICE_KEY) {
-            None | Some(serde_json::Value::Null) => {}
-            Some(serde_json::Value::String(dev)) => {
-                if let Err(e) = check_install_device(dev) {
+        // None: no disk given; Some(false): a bad one (reported here).
+        let disk = match h.metadata.get(INSTALL_DEVICE_KEY) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(dev)) => match check_install_device(dev) {
+                Ok(()) => Some(true),
+                Err(e) => {
                     r.problem(format!("host {}: metadata {e}", h.id));
+                    Some(false)
                 }
+            },
+            Some(other) => {
+                r.problem(format!(
+                    "host {}: metadata {INSTALL_DEVICE_KEY} is {other}, not a device path",
+                    h.id
+                ));
+                Some(false)
             }
-            Some(other) => r.problem(format!(
-                "host {}: metadata {INSTALL_DEVICE_KEY} is {other}, not a device path",
-                h.id
-            )),
+        };
+        if disk == Some(false) {
+            continue;
         }
         let mut seen = Vec::new();
         for s in h.state.split(',').map(str::trim) {
@@ -304,7 +313,15 @@ fn check_install_disks(ctx: &Ctx, hosts: &[Host], r: &mut Report) {
                     continue;
                 }
             };
-            if !text.contains("rd.kiwi.oem.installdevice=/") {
+            if !text.contains("rd.kiwi.oem.installdevice=/") && disk == Some(true) {
+                r.problem(format!(
+                    "host {} is in state {s}, an attended image, and has {INSTALL_DEVICE_KEY} \
+                     metadata, but {} does not pass it (rd.kiwi.oem.installdevice=); \
+                     import the image again with --force to regenerate its host.tmpl",
+                    h.id,
+                    path.display()
+                ));
+            } else if !text.contains("rd.kiwi.oem.installdevice=/") {
                 r.problem(format!(
                     "host {} is in state {s}, but image {s} is attended (its installer asks \
                      \"Destroying ALL data on <disk>, continue ?\" and waits) and the host has no \
