@@ -1097,7 +1097,7 @@ fn check_firstboot_package(rpm: &Path, server: &Path, package: &Path) {
         .lines()
         .map(String::from)
         .collect();
-    let script = "/usr/libexec/kiwispray/kiwispray-firstboot";
+    let script = "/usr/libexec/kiwispray-firstboot";
     let unit = "/usr/lib/systemd/system/kiwispray-firstboot.service";
     let docs = "/usr/share/doc/kiwispray-firstboot/kiwi";
     for f in [
