@@ -1,12 +1,16 @@
 //! Integration tests of `kiwispray-hosts`: the real binary against
 //! temporary deployment roots, for every command and its error paths;
 //! imports of synthetic KIWI builds of each naming generation; previews
-//! compared with what the real handler serves; and CLI edits racing with
-//! machines registering through nginx.
+//! compared with what the real handler serves; CLI edits racing with
+//! machines registering through nginx; and attended KIWI installers and
+//! per-host install disks.
 //!
 //! Outside tools these tests need: `xz`, `tar`, `sha256sum`/`md5sum`/
-//! `sha512sum`, `xorriso` (live ISO import) and `nginx` with `curl` (the
-//! concurrency test). `make test-unit` installs them (Makefile TEST_PKGS).
+//! `sha512sum`, `xorriso` (live ISO import), `nginx` with `curl` (the
+//! concurrency test), `gzip`, `bzip2` and, where installed, `zstd`
+//! (compressed installer initrds), and `qemu-system-x86_64` with Debian's
+//! `ipxe.lkrn` (a generated boot script run in real iPXE, without network).
+//! `make test-unit` installs them (Makefile TEST_PKGS).
 
 use serde_json::{json, Value};
 use std::fs;
@@ -1930,7 +1934,11 @@ fn import_image_tells_attended_from_unattended_installers() {
         else {
             // Without the tool the test cannot compress, and the import
             // cannot decompress: it says so instead of guessing.
-            let mut fake = b"\x28\xb5\x2f\xfd".to_vec();
+            let mut fake = match tool {
+                "zstd" => b"\x28\xb5\x2f\xfd".to_vec(),
+                "bzip2" => b"BZh91AY&SY".to_vec(),
+                other => panic!("{other} is needed to make a compressed initrd"),
+            };
             fake.extend_from_slice(&[0u8; 64]);
             fs::write(&initrd, fake).unwrap();
             let run = r
@@ -2229,4 +2237,119 @@ fn attended_image_without_an_install_disk_is_flagged_by_check() {
         "{}",
         run.stdout
     );
+}
+
+/// Runs `script` in real iPXE (Debian's `ipxe.lkrn` under QEMU, given the
+/// script as its initrd, without any network) and returns what it printed
+/// between the lines `KS-BEGIN` and `KS-END`, console line wraps removed.
+fn run_in_ipxe(script: &str) -> String {
+    let lkrn = Path::new("/usr/lib/ipxe/ipxe.lkrn");
+    assert!(
+        lkrn.is_file(),
+        "this test needs {} (Debian package ipxe; `make test-unit` installs it)",
+        lkrn.display()
+    );
+    let dir = TempDir::new("ipxe");
+    let (script_path, serial) = (dir.path().join("s.ipxe"), dir.path().join("serial.log"));
+    fs::write(&script_path, script).unwrap();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-nodefaults", "-nographic", "-display", "none", "-m", "128"])
+        .args(["-net", "none", "-no-reboot", "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(lkrn)
+        .arg("-initrd")
+        .arg(&script_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("this test needs qemu-system-x86_64 (Debian package qemu-system-x86)");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let out = loop {
+        let text = String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).into_owned();
+        if text.contains("KS-END") || Instant::now() > deadline {
+            break text;
+        }
+        if let Ok(Some(st)) = qemu.try_wait() {
+            panic!("QEMU exited ({st}) before the script ended:\n{text}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let flat: String = out.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+    let begin = flat
+        .find("KS-BEGIN")
+        .unwrap_or_else(|| panic!("iPXE did not run the script:\n{out}"));
+    let end = flat
+        .find("KS-END")
+        .unwrap_or_else(|| panic!("the script did not reach its end in 120 s:\n{out}"));
+    flat[begin + "KS-BEGIN".len()..end].to_string()
+}
+
+#[test]
+fn generated_host_tmpl_takes_the_install_disk_branch_in_real_ipxe() {
+    let r = root_with_host("ipxe-disk");
+    let work = TempDir::new("ipxe-disk-src");
+    let build = kiwi_build(work.path(), "web.x86_64-1", false);
+    r.run(&["import-image", "web", build.to_str().unwrap()])
+        .ok();
+    let disk = "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4";
+    r.run(&[
+        "set",
+        "1",
+        "--state",
+        "web",
+        "--meta-set",
+        &format!("installdevice={disk}"),
+    ])
+    .ok();
+    r.run(&["add", "--mac", MAC2, "--state", "web"]).ok();
+    for (query, with_disk) in [
+        ("net0=52-54-00-00-00-01", true),
+        ("net0=52-54-00-00-00-02", false),
+    ] {
+        let (_, body) = handler(r.path(), "/bootstrap", query, "127.0.0.1:5000");
+        // The served script as it is, except that loading the kernel
+        // prints its arguments instead, and the initrd line ends the run.
+        let script: String = body
+            .lines()
+            .map(|l| {
+                if let Some(args) = l.strip_prefix("kernel ") {
+                    format!(
+                        "echo KS-KERNEL {}",
+                        args.trim_end_matches(" || goto ks-failed")
+                    )
+                } else if l.starts_with("initrd ") {
+                    "echo KS-END".to_string()
+                } else if l == "imgfree" {
+                    "echo KS-BEGIN".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        let printed = run_in_ipxe(&script);
+        let kernels: Vec<&str> = printed.split("KS-KERNEL").skip(1).collect();
+        assert_eq!(kernels.len(), 1, "one kernel line runs: {printed}");
+        let words: Vec<&str> = kernels[0].split_whitespace().collect();
+        assert!(
+            words
+                .iter()
+                .any(|w| w.starts_with("razorurl=http://127.0.0.1:5000/post-install?id=")),
+            "{printed}"
+        );
+        let arg = format!("rd.kiwi.oem.installdevice={disk}");
+        assert_eq!(
+            words.contains(&arg.as_str()),
+            with_disk,
+            "{query}: {printed}"
+        );
+        assert!(
+            !printed.contains("installdevice|ipxe"),
+            "no placeholder reaches the kernel: {printed}"
+        );
+    }
 }
