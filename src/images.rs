@@ -11,6 +11,14 @@
 //! machine never sees half an image. External tools do the heavy lifting:
 //! `tar` unpacks, `xz` decompresses, `sha256sum`/`sha512sum`/`md5sum` hash,
 //! `xorriso` reads ISOs.
+//!
+//! The import also reads the installer initrd's `/.profile` (its cpio
+//! archives are parsed here, the compressed one through the system's `xz`,
+//! `gzip`, `zstd`, `bzip2` or `lz4`): an installer without
+//! `kiwi_oemunattended='true'` asks before it writes the disk. The finding
+//! goes to `image.json` ([`ImageInfo`]) for `check`, and the generated
+//! `host.tmpl` passes `rd.kiwi.oem.installdevice=` to hosts whose metadata
+//! names their disk.
 
 use std::fmt;
 use std::fs;
