@@ -98,14 +98,6 @@ pub const DEFAULT_MAX_INSTALL_BOOTS: u32 = 3;
 /// Minutes an install may take before it is overdue, unless set.
 pub const DEFAULT_INSTALL_DEADLINE_MINUTES: u64 = 60;
 
-/// What an image directory may say about itself (`images/<state>/image.json`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImageSettings {
-    #[serde(default)]
-    pub install_deadline_minutes: Option<u64>,
-}
-
 impl Config {
     /// Reads `config` if given, else `<root>/kiwispray.json` if it exists.
     pub fn load(root: &Path, config: Option<&Path>) -> Result<Config, String> {
@@ -235,19 +227,13 @@ impl Config {
     }
 
     /// The install deadline of an image state in minutes: its own from
-    /// `images/<state>/image.json`, else the deployment's.
+    /// `images/<state>/image.json` (`install_deadline_minutes`), else the
+    /// deployment's.
     pub fn deadline_minutes(&self, state: &str) -> Result<u64, String> {
-        let path = self.image_dir(state)?.join("image.json");
-        match std::fs::read(&path) {
-            Ok(text) => {
-                let s: ImageSettings = serde_json::from_slice(&text)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                Ok(s.install_deadline_minutes
-                    .filter(|m| *m > 0)
-                    .unwrap_or(self.install_deadline_minutes))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.install_deadline_minutes),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-        }
+        let dir = self.image_dir(state)?;
+        Ok(crate::images::ImageInfo::read(&dir)
+            .and_then(|i| i.install_deadline_minutes)
+            .filter(|m| *m > 0)
+            .unwrap_or(self.install_deadline_minutes))
     }
 }

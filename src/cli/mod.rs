@@ -233,8 +233,11 @@ pub enum Cmd {
                       are any. Checks that the database parses, ids are unique and no MAC, \
                       serial or UUID belongs to two hosts; every state in use has its image or \
                       template; every template parses; every image directory has the installer \
-                      kernel, initrd, image and checksum its host.tmpl refers to; and, with \
-                      --deep, that every image matches its checksum.\n\n\
+                      kernel, initrd, image and checksum its host.tmpl refers to; that every \
+                      host's installdevice metadata is a device path; that no host is in the \
+                      state of an attended image (one whose installer asks before it writes \
+                      the disk) without an install disk; and, with --deep, that every image \
+                      matches its checksum.\n\n\
                       Held hosts and installs past their deadline are problems too: each is \
                       named with its cause or how long it has been installing, and a newly \
                       overdue install is recorded in the event log (once)."
@@ -250,7 +253,14 @@ pub enum Cmd {
                       <P>.config.bootoptions. The uncompressed image is checked against the \
                       checksum file (digest and size). The import is built in a hidden \
                       directory and moved into place at the end, so a failed import leaves \
-                      nothing behind."
+                      nothing behind.\n\n\
+                      The installer initrd's /.profile is read (xz, gzip, zstd, bzip2 or lz4 \
+                      compressed cpio, early microcode allowed): without \
+                      kiwi_oemunattended='true' (KIWI's <oem-unattended>) the installer asks \
+                      before it writes the disk, and the import warns. What it found is kept \
+                      in images/<NAME>/image.json for check. The generated host.tmpl passes \
+                      rd.kiwi.oem.installdevice=<disk> to hosts whose metadata has \
+                      installdevice (e.g. /dev/disk/by-id/...), which also skips the question."
     )]
     ImportImage(ImportImageArgs),
     /// Import a live ISO as images/<NAME>/ (needs xorriso).
@@ -699,6 +709,8 @@ fn imported_text(i: &crate::images::Imported, json: bool) -> String {
             "kind": i.kind,
             "files": i.files,
             "replaced": i.replaced,
+            "unattended": i.unattended,
+            "warnings": i.warnings,
         }));
     }
     format!(
@@ -721,6 +733,9 @@ fn import_image(ctx: &Ctx, a: &ImportImageArgs) -> Result<Exit> {
         a.force,
         ctx.progress,
     )?;
+    for w in &done.warnings {
+        eprintln!("kiwispray-hosts: warning: {w}");
+    }
     out(&imported_text(&done, a.json))?;
     Ok(Exit::Ok)
 }
