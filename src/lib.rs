@@ -11,6 +11,7 @@
 //! - [`events`]: the append-only event log;
 //! - [`lifecycle`]: what a machine boots next, as pure functions;
 //! - [`select`]: the `--where` host selectors, as pure values;
+//! - [`rollout`]: waves of installs and when to start or stop them;
 //! - [`render`]: `@name@` templates rendered with tinytemplate;
 //! - [`api`]: the HTTP paths; [`fcgi`]: the FastCGI and CGI adapters;
 //! - [`config`]: deployment settings.
@@ -28,6 +29,7 @@ pub mod images;
 pub mod inventory;
 pub mod lifecycle;
 pub mod render;
+pub mod rollout;
 pub mod runtime;
 pub mod select;
 pub mod store;

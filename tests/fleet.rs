@@ -513,3 +513,155 @@ fn import_inventory_adds_updates_and_refuses_all_or_nothing() {
         out.stderr
     );
 }
+
+/// Waits (at most 20 s) until `cond` holds for the hosts of `s`.
+fn wait_for(s: &common::Stack, what: &str, cond: impl Fn(&[Value]) -> bool) {
+    for _ in 0..200 {
+        if cond(&s.hosts()) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}: {:?}", s.hosts());
+}
+
+fn state_of(hosts: &[Value], id: u64) -> String {
+    hosts
+        .iter()
+        .find(|h| h["id"] == id)
+        .map(|h| h["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// Boots host `id` (MAC 52:54:00:00:10:<id>) and reports /finish or /fail.
+fn install(s: &common::Stack, id: u64, ok: bool) {
+    let r = s.get_as_pxe(&format!("/bootstrap?net0=52-54-00-00-10-{id:02x}"));
+    let text = r.text();
+    let bootid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("echo BOOTID "))
+        .unwrap_or_else(|| panic!("host {id} did not get an install: {text}"))
+        .to_string();
+    let path = if ok { "finish" } else { "fail" };
+    let r = s.get(&format!(
+        "/{path}?id={id}&bootid={bootid}&reason=disk%20missing"
+    ));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+fn start_rollout(s: &common::Stack, args: &[&str]) -> std::process::Child {
+    Command::new(bin_dir().join("kiwispray-hosts"))
+        .arg("--root")
+        .arg(&s.root)
+        .arg("rollout")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn rollout_drives_waves_stops_at_max_failures_and_resumes() {
+    let s = stack_in_img(6, "{}");
+    // All six start as new.
+    let out = cli(
+        &s.root,
+        &["set", "--where", "id=1-6", "--state", "new", "--yes"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let child = start_rollout(
+        &s,
+        &[
+            "--where",
+            "state=new",
+            "--state",
+            "img",
+            "--batch",
+            "2",
+            "--max-failures",
+            "1",
+            "--poll",
+            "1",
+            "--yes",
+        ],
+    );
+    wait_for(&s, "wave 1", |h| {
+        state_of(h, 1) == "img" && state_of(h, 2) == "img"
+    });
+    assert_eq!(state_of(&s.hosts(), 3), "new", "one wave at a time");
+    install(&s, 1, true);
+    install(&s, 2, true);
+    wait_for(&s, "wave 2", |h| {
+        state_of(h, 3) == "img" && state_of(h, 4) == "img"
+    });
+    let status = cli(&s.root, &["rollout", "--status"]);
+    assert!(
+        status
+            .stdout
+            .contains("wave 2 of 3: 2 finished, 2 installing, 0 failed"),
+        "{}",
+        status.stdout
+    );
+    install(&s, 3, false);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("wave 1: set 2 host(s) to img: 1 2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("stopped: 1 host(s) failed"), "{stdout}");
+    let hosts = s.hosts();
+    assert_eq!(state_of(&hosts, 5), "new", "not started, untouched");
+    assert_eq!(state_of(&hosts, 6), "new");
+    let status = cli(&s.root, &["rollout", "--status"]);
+    assert!(
+        status.stdout.contains("host 3: failed"),
+        "{}",
+        status.stdout
+    );
+    // Different parameters while one is in progress are refused.
+    let out = cli(
+        &s.root,
+        &[
+            "rollout",
+            "--where",
+            "state=new",
+            "--state",
+            "img",
+            "--batch",
+            "3",
+        ],
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("is in progress"), "{}", out.stderr);
+    // Fix, release and resume: it goes on with wave 2, then wave 3.
+    assert_eq!(cli(&s.root, &["release", "3"]).code, 0);
+    let child = start_rollout(&s, &["--poll", "1"]);
+    install(&s, 3, true);
+    install(&s, 4, true);
+    wait_for(&s, "wave 3", |h| {
+        state_of(h, 5) == "img" && state_of(h, 6) == "img"
+    });
+    install(&s, 5, true);
+    install(&s, 6, true);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("resuming the rollout"), "{stderr}");
+    assert!(
+        stdout.contains("rollout complete: wave 3 of 3: 6 finished"),
+        "{stdout}"
+    );
+    assert!(s.hosts().iter().all(|h| h["state"] == "finished"));
+    let rollout_events = s
+        .events()
+        .iter()
+        .filter(|e| e["cause"] == "rollout")
+        .count();
+    assert_eq!(rollout_events, 6, "one event per host it set");
+    assert!(!s.root.join(".kiwispray-rollout.json").exists());
+}

@@ -22,6 +22,7 @@ pub mod man;
 pub mod preview;
 mod release;
 mod remove;
+mod rollout;
 mod set;
 mod show;
 
@@ -271,6 +272,18 @@ pub enum Cmd {
                       Needs xorriso."
     )]
     ImportLiveIso(ImportLiveIsoArgs),
+    /// Install the hosts a selector names in waves, stopping on failures.
+    #[command(
+        long_about = "Install the hosts --where selects in waves of --batch: each wave's \
+                      states are set in one commit, then the command waits until every host of \
+                      the wave has finished, failed (is held) or gone overdue, and starts the \
+                      next. It stops once --max-failures hosts have failed, leaving the hosts \
+                      not started untouched. Interrupted and run again (without --where, \
+                      --state and --batch), it resumes where it stopped; rollout --status shows \
+                      where it stands, rollout --cancel forgets it. Exit status 1 when it \
+                      stopped on failures or ended with failed hosts."
+    )]
+    Rollout(RolloutArgs),
     /// Add and update hosts from a vendor's inventory (CSV or JSON).
     #[command(
         long_about = "Add and update hosts from an inventory file: CSV with a header row, or a \
@@ -473,6 +486,37 @@ pub struct ImportImageArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct RolloutArgs {
+    /// Which hosts (see set --where); required to start a rollout.
+    #[arg(long = "where", value_name = "EXPR")]
+    pub wheres: Vec<String>,
+    /// The state (or chain) to install.
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
+    /// How many hosts per wave.
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+    /// Stop once this many hosts have failed (default: never).
+    #[arg(long, value_name = "K")]
+    pub max_failures: Option<usize>,
+    /// Seconds between looks at the database.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub poll: u64,
+    /// Show the rollout in progress and exit.
+    #[arg(long)]
+    pub status: bool,
+    /// Forget the rollout in progress (hosts are left as they are).
+    #[arg(long)]
+    pub cancel: bool,
+    /// Start without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// With --status, print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct ImportInventoryArgs {
     /// The inventory: *.csv, or *.json (else detected from its first
     /// character).
@@ -651,6 +695,7 @@ fn dispatch(cli: Cli) -> Result<Exit> {
         Cmd::ImportImage(a) => import_image(&ctx, &a),
         Cmd::ImportLiveIso(a) => import_live_iso(&ctx, &a),
         Cmd::ImportInventory(a) => import_inventory::import_inventory(&ctx, &a),
+        Cmd::Rollout(a) => rollout::rollout(&ctx, &a),
     }
 }
 
