@@ -58,11 +58,12 @@ fmt:
 	$(CARGO) fmt --all
 
 # Unit tests, the CLI, reliability and packaging tests, and the HTTP suite
-# through real nginx (with promtool and headless Chromium for /metrics and
-# the fleet page); then the HTTP suites again through real lighttpd.
+# and the flood test through real nginx (with promtool and headless
+# Chromium for /metrics and the fleet page); then the HTTP suites and the
+# flood test again through real lighttpd.
 test-unit: deps-test
 	$(CARGO) test --locked --no-fail-fast
-	KIWISPRAY_WEB=lighttpd $(CARGO) test --locked --test http --test install_safety --test observability
+	KIWISPRAY_WEB=lighttpd $(CARGO) test --locked --test http --test install_safety --test flood --test observability
 
 # Real firmware: QEMU guests, iPXE, dnsmasq and nginx in a network namespace.
 test-e2e: deps-test build

@@ -11,7 +11,8 @@
 //!   "max_connections": 128,
 //!   "max_install_boots": 3,
 //!   "install_deadline_minutes": 60,
-//!   "hold_overdue": false
+//!   "hold_overdue": false,
+//!   "max_installs": 50
 //! }
 //! ```
 //!
@@ -20,6 +21,7 @@
 //! `max_install_boots` and `install_deadline_minutes` drive the install
 //! safety of [`crate::lifecycle::install_decision`]; an image may set its own
 //! deadline in `images/<state>/image.json` (`{"install_deadline_minutes": 90}`).
+//! `max_installs` caps how many hosts install at once (absent: no cap).
 //!
 //! This is also the one place where a state name becomes a path
 //! ([`Config::image_dir`] and the template lists built on it): every caller,
@@ -36,10 +38,10 @@ pub const CONFIG_FILE: &str = "kiwispray.json";
 pub const DATABASE_FILE: &str = "known_hosts.json";
 /// The event log in a deployment root.
 pub const EVENTS_FILE: &str = "events.jsonl";
-/// FastCGI connections served at once unless configured. Web servers keep
-/// idle connections open (nginx/kiwispray.conf: 16 per worker), and those
-/// hold slots too, so this leaves room for a burst of 64 booting machines
-/// beside them.
+/// FastCGI connections served at once unless configured. Connections
+/// beyond it wait for a free one (see nginx/kiwispray.conf); idle
+/// keep-alive connections of a web server would hold slots too, so the
+/// shipped configurations keep none.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -61,6 +63,8 @@ struct FileSettings {
     install_deadline_minutes: Option<u64>,
     #[serde(default)]
     hold_overdue: bool,
+    #[serde(default)]
+    max_installs: Option<usize>,
     #[serde(default)]
     database: Option<PathBuf>,
     #[serde(default)]
@@ -85,20 +89,14 @@ pub struct Config {
     pub install_deadline_minutes: u64,
     /// Whether an overdue host's next boot holds it.
     pub hold_overdue: bool,
+    /// How many hosts may install at once (`None`: no limit).
+    pub max_installs: Option<usize>,
 }
 
 /// Install boots without a `/finish` before a host is held, unless set.
 pub const DEFAULT_MAX_INSTALL_BOOTS: u32 = 3;
 /// Minutes an install may take before it is overdue, unless set.
 pub const DEFAULT_INSTALL_DEADLINE_MINUTES: u64 = 60;
-
-/// What an image directory may say about itself (`images/<state>/image.json`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImageSettings {
-    #[serde(default)]
-    pub install_deadline_minutes: Option<u64>,
-}
 
 impl Config {
     /// Reads `config` if given, else `<root>/kiwispray.json` if it exists.
@@ -156,6 +154,15 @@ impl Config {
                 None => DEFAULT_INSTALL_DEADLINE_MINUTES,
             },
             hold_overdue: settings.hold_overdue,
+            max_installs: match settings.max_installs {
+                Some(0) => {
+                    return Err(format!(
+                        "config {}: max_installs must be at least 1 (leave it out for no limit)",
+                        path.as_deref().unwrap_or(Path::new(CONFIG_FILE)).display()
+                    ))
+                }
+                m => m,
+            },
         })
     }
 
@@ -220,19 +227,13 @@ impl Config {
     }
 
     /// The install deadline of an image state in minutes: its own from
-    /// `images/<state>/image.json`, else the deployment's.
+    /// `images/<state>/image.json` (`install_deadline_minutes`), else the
+    /// deployment's.
     pub fn deadline_minutes(&self, state: &str) -> Result<u64, String> {
-        let path = self.image_dir(state)?.join("image.json");
-        match std::fs::read(&path) {
-            Ok(text) => {
-                let s: ImageSettings = serde_json::from_slice(&text)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                Ok(s.install_deadline_minutes
-                    .filter(|m| *m > 0)
-                    .unwrap_or(self.install_deadline_minutes))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.install_deadline_minutes),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-        }
+        let dir = self.image_dir(state)?;
+        Ok(crate::images::ImageInfo::read(&dir)
+            .and_then(|i| i.install_deadline_minutes)
+            .filter(|m| *m > 0)
+            .unwrap_or(self.install_deadline_minutes))
     }
 }

@@ -108,6 +108,21 @@ const VARS: &[&str] = &[
     "REDIRECT_STATUS",
 ];
 
+/// Seconds a client is asked to wait before retrying when the handler (or,
+/// with the shipped configurations, the web server in front of it) has no
+/// free connection. A flood that fills every slot is usually over within a
+/// second or two, and iPXE waits exactly this long before it asks again.
+pub const RETRY_AFTER_SECONDS: u32 = 2;
+
+/// The answer to a connection beyond `max_connections`: a 503 with
+/// `Retry-After`, one line of text like every other error.
+pub fn overload_response() -> Response {
+    let mut r = Response::error(503, "busy, retry later");
+    r.headers
+        .push(("Retry-After", RETRY_AFTER_SECONDS.to_string()));
+    r
+}
+
 /// Serves FastCGI on a listening socket until the process is killed.
 pub fn serve_fastcgi(
     service: Arc<Service>,
@@ -116,6 +131,7 @@ pub fn serve_fastcgi(
 ) {
     let limits = fastcgi::Limits {
         max_connections,
+        overload_response: overload_response().to_cgi(),
         ..fastcgi::Limits::default()
     };
     fastcgi::run_raw_with(
@@ -180,6 +196,20 @@ mod tests {
             .starts_with(b"Status: 500 Internal Server Error\r\n"));
         let r = contain(&req, || Response::text(200, "ok"));
         assert_eq!(r.status, 200);
+    }
+
+    #[test]
+    fn the_overload_response_is_a_503_with_retry_after() {
+        let cgi = String::from_utf8(overload_response().to_cgi()).unwrap();
+        assert!(
+            cgi.starts_with("Status: 503 Service Unavailable\r\n"),
+            "{cgi}"
+        );
+        assert!(cgi.contains(&format!("\r\nRetry-After: {RETRY_AFTER_SECONDS}\r\n")));
+        assert!(
+            cgi.ends_with("\r\n\r\nkiwispray: busy, retry later\n"),
+            "{cgi}"
+        );
     }
 
     #[test]

@@ -433,6 +433,10 @@ struct Loader<'a> {
     db: &'a mut Database,
     /// A repeated id: the id and the positions of its two entries.
     duplicate: &'a mut Option<(u64, usize, usize)>,
+    /// The whole text, to place an error inside one host in the file.
+    text: &'a [u8],
+    /// An entry that is not a host, with its place in the file.
+    invalid: &'a mut Option<ParseError>,
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for Loader<'_> {
@@ -454,7 +458,27 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
         let mut entries = Entries::default();
         let mut by_id = Sharded::default();
         let mut index = Index::default();
-        while let Some(host) = seq.next_element::<Host>()? {
+        let mut canonical: Option<bool> = None;
+        while let Some(raw) = seq.next_element::<&serde_json::value::RawValue>()? {
+            let host: Host = match serde_json::from_str(raw.get()) {
+                Ok(h) => h,
+                Err(e) => {
+                    // Where the entry starts in the file, plus where in
+                    // the entry the error is.
+                    let start = (raw.get().as_ptr() as usize)
+                        .saturating_sub(self.text.as_ptr() as usize)
+                        .min(self.text.len());
+                    let before = &self.text[..start];
+                    let line0 = before.iter().filter(|b| **b == b'\n').count() + 1;
+                    let col0 = start - before.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                    *self.invalid = Some(ParseError {
+                        line: line0 + e.line() - 1,
+                        column: if e.line() == 1 { col0 + e.column() } else { e.column() },
+                        message: strip_position(&e.to_string()),
+                    });
+                    return Err(serde::de::Error::custom("not a host"));
+                }
+            };
             let i = entries.len();
             if let Some(&first) = by_id.get(&host.id) {
                 *self.duplicate = Some((host.id, first, i));
@@ -468,7 +492,22 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
             if host.extra.contains_key("bootid") {
                 self.db.legacy_bootids += 1;
             }
-            entries.push(Entry::new(&host));
+            // A file this version wrote (its first host is in the form
+            // this version writes) keeps each host's text as it is, which
+            // reads back as the same host, instead of serialising all of
+            // them anew; any other file is written in this version's form.
+            let entry = match canonical {
+                Some(true) => Entry {
+                    id: host.id,
+                    json: raw.get().into(),
+                },
+                _ => {
+                    let e = Entry::new(&host);
+                    canonical.get_or_insert(*e.json == *raw.get());
+                    e
+                }
+            };
+            entries.push(entry);
         }
         by_id.shrink_to_fit();
         index.shrink_to_fit();
@@ -491,11 +530,14 @@ impl Database {
     pub fn parse(text: &[u8], placeholders: Arc<Placeholders>) -> Result<Database, ParseError> {
         let mut db = Database::empty(placeholders);
         let mut duplicate = None;
+        let mut invalid = None;
         let mut de = serde_json::Deserializer::from_slice(text);
         let loaded = serde::de::DeserializeSeed::deserialize(
             Loader {
                 db: &mut db,
                 duplicate: &mut duplicate,
+                text,
+                invalid: &mut invalid,
             },
             &mut de,
         )
@@ -510,6 +552,9 @@ impl Database {
                     i + 1
                 ),
             });
+        }
+        if let Some(e) = invalid {
+            return Err(e);
         }
         loaded.map_err(|e| ParseError {
             line: e.line(),
@@ -780,6 +825,19 @@ mod tests {
         let h = d.get(7).unwrap();
         assert_eq!(h.macs, "");
         assert!(h.metadata.is_empty());
+    }
+
+    #[test]
+    fn an_entry_that_is_not_a_host_is_placed_in_the_file() {
+        let err = Database::parse(
+            b"[\n  {\"id\": 1},\n  {\"id\": 2,\n   \"metadata\": 5}\n]",
+            Default::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.line, 4, "{err:?}");
+        assert!(err.message.contains("metadata must be an object"), "{err:?}");
+        let err = Database::parse(b"[{\"id\": \"x\"}]", Default::default()).unwrap_err();
+        assert_eq!((err.line, err.column > 2), (1, true), "{err:?}");
     }
 
     #[test]

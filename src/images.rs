@@ -11,10 +11,18 @@
 //! machine never sees half an image. External tools do the heavy lifting:
 //! `tar` unpacks, `xz` decompresses, `sha256sum`/`sha512sum`/`md5sum` hash,
 //! `xorriso` reads ISOs.
+//!
+//! The import also reads the installer initrd's `/.profile` (its cpio
+//! archives are parsed here, the compressed one through the system's `xz`,
+//! `gzip`, `zstd`, `bzip2` or `lz4`): an installer without
+//! `kiwi_oemunattended='true'` asks before it writes the disk. The finding
+//! goes to `image.json` ([`ImageInfo`]) for `check`, and the generated
+//! `host.tmpl` passes `rd.kiwi.oem.installdevice=` to hosts whose metadata
+//! names their disk.
 
 use std::fmt;
 use std::fs;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -559,23 +567,32 @@ pub fn file_url(name: &str, file: &str) -> String {
 }
 
 /// The `host.tmpl` that boots `kernel` and `initrd` of image `name` with
-/// `args`, explaining any failure on the console before it reboots.
+/// `args`, explaining any failure on the console before it reboots. With
+/// `install_device`, a host whose metadata has `installdevice` also gets
+/// `rd.kiwi.oem.installdevice=<it>` (see [`install_device_lines`]).
 pub fn boot_script(
     name: &str,
     header: &[String],
     kernel: &str,
     initrd: &str,
     args: &str,
+    install_device: bool,
 ) -> String {
+    let k = file_url(name, kernel);
     let mut s = String::from("#!ipxe\n");
     for h in header {
         s.push_str(&format!("# {h}\n"));
     }
     s.push_str(&format!(
-        "echo KIWIspray: booting image {name} on host @id@ (@hostname@)\n\
-         imgfree\n\
-         kernel {k} {args} || goto ks-failed\n\
-         initrd {i} || goto ks-failed\n\
+        "echo KIWIspray: booting image {name} on host @id@ (@hostname@)\nimgfree\n"
+    ));
+    if install_device {
+        s.push_str(&install_device_lines(&k, args));
+    } else {
+        s.push_str(&format!("kernel {k} {args} || goto ks-failed\n"));
+    }
+    s.push_str(&format!(
+        "initrd {i} || goto ks-failed\n\
          boot || goto ks-failed\n\
          \n\
          :ks-failed\n\
@@ -584,10 +601,343 @@ pub fn boot_script(
          echo Rebooting in 60 seconds.\n\
          sleep 60\n\
          reboot\n",
-        k = file_url(name, kernel),
         i = file_url(name, initrd),
     ));
     s
+}
+
+/// The file in an image directory where `import-image` records what it
+/// found out about the build, for `check`.
+pub const IMAGE_INFO: &str = "image.json";
+
+/// What `import-image` found out about a KIWI build (`images/<NAME>/image.json`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    /// The installer initrd that was read.
+    #[serde(default)]
+    pub installer_initrd: String,
+    /// `true`: the installer's `/.profile` has `kiwi_oemunattended='true'`;
+    /// `false`: it lacks it, so the installer asks "Destroying ALL data on
+    /// <disk>, continue ?" unless the kernel line names the disk
+    /// (`rd.kiwi.oem.installdevice=`); `null`: unknown.
+    #[serde(default)]
+    pub unattended: Option<bool>,
+    /// Why `unattended` is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_because: Option<String>,
+    /// The operator's install deadline for this image, in minutes, over
+    /// the deployment's `install_deadline_minutes`; kept across re-imports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_deadline_minutes: Option<u64>,
+}
+
+impl ImageInfo {
+    /// The record of the image in `dir`, if it has a readable one.
+    pub fn read(dir: &Path) -> Option<ImageInfo> {
+        serde_json::from_slice(&fs::read(dir.join(IMAGE_INFO)).ok()?).ok()
+    }
+}
+
+/// The host metadata key that names a host's install disk.
+pub const INSTALL_DEVICE_KEY: &str = "installdevice";
+
+/// The `kernel` lines of a `host.tmpl` that add
+/// `rd.kiwi.oem.installdevice=<metadata.installdevice>` when the host has
+/// that metadata. A missing placeholder stays literally in place, and
+/// `@x|ipxe@` and `@x@` are equal only when the value exists; the `ipxe`
+/// filter refuses a value that is not one safe word, so an unsafe value
+/// fails the render instead of reaching the kernel line.
+fn install_device_lines(kernel_url: &str, args: &str) -> String {
+    let key = format!("metadata.{INSTALL_DEVICE_KEY}");
+    format!(
+        "# The install disk: rd.kiwi.oem.installdevice= from the host's metadata\n\
+         # {INSTALL_DEVICE_KEY}, if it has one; else the installer picks the disk.\n\
+         iseq @{key}|ipxe@ @{key}@ || goto ks-no-installdevice\n\
+         kernel {kernel_url} {args} rd.kiwi.oem.installdevice=@{key}|ipxe@ || goto ks-failed\n\
+         goto ks-initrd\n\
+         :ks-no-installdevice\n\
+         kernel {kernel_url} {args} || goto ks-failed\n\
+         :ks-initrd\n"
+    )
+}
+
+/// Checks the shape of an install disk: an absolute path under `/dev/`
+/// (`/dev/sda`, `/dev/disk/by-id/...`), one word that iPXE and the kernel
+/// command line take literally, without `.` or `..` components.
+pub fn check_install_device(dev: &str) -> Result<(), String> {
+    let shape = dev.strip_prefix("/dev/").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..")
+    });
+    if !shape {
+        return Err(format!(
+            "{INSTALL_DEVICE_KEY} {:?} is not a device path such as /dev/sda or /dev/disk/by-id/...",
+            dev.chars().take(80).collect::<String>()
+        ));
+    }
+    if !dev
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-:+,@=".contains(&b))
+    {
+        return Err(format!(
+            "{INSTALL_DEVICE_KEY} {:?} has characters that cannot go on the kernel command line \
+             (allowed: letters, digits and / . _ - : + , @ =)",
+            dev.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the installer initrd of a build and says whether it installs
+/// unattended, with the warnings for the operator.
+fn installer_info(name: &str, initrd: &Path, shown: &str, args: &str) -> (ImageInfo, Vec<String>) {
+    let mut info = ImageInfo {
+        installer_initrd: shown.to_string(),
+        ..ImageInfo::default()
+    };
+    let mut warnings = Vec::new();
+    match installer_profile(initrd) {
+        Ok(Some(profile)) => info.unattended = Some(profile_unattended(&profile)),
+        Ok(None) => {
+            info.unknown_because = Some(format!("{shown} has no /.profile (not a KIWI installer?)"))
+        }
+        Err(e) => {
+            if e.contains("not installed") {
+                warnings.push(format!(
+                    "cannot tell whether image {name} installs unattended: {e}"
+                ));
+            }
+            info.unknown_because = Some(e);
+        }
+    }
+    let everywhere = args
+        .split_whitespace()
+        .any(|w| w.starts_with("rd.kiwi.oem.installdevice="));
+    if info.unattended == Some(false) && !everywhere {
+        warnings.push(format!(
+            "image {name} is attended: its installer ({shown}) lacks kiwi_oemunattended='true' \
+             and stops at \"Destroying ALL data on <disk>, continue ?\"; rebuild it with \
+             <oem-unattended>true</oem-unattended> or give each host an install disk \
+             (kiwispray-hosts set HOST --meta-set {INSTALL_DEVICE_KEY}=/dev/disk/by-id/...)"
+        ));
+    }
+    (info, warnings)
+}
+
+/// Whether a KIWI `/.profile` turns the installer's question off.
+pub fn profile_unattended(profile: &str) -> bool {
+    profile.lines().any(|l| {
+        l.trim()
+            .strip_prefix("kiwi_oemunattended=")
+            .is_some_and(|v| {
+                v.trim()
+                    .trim_matches(['\'', '"'])
+                    .eq_ignore_ascii_case("true")
+            })
+    })
+}
+
+/// A reader that counts what was consumed.
+struct Counted<R> {
+    inner: R,
+    pos: u64,
+}
+
+impl<R: BufRead> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for Counted<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+    fn consume(&mut self, n: usize) {
+        self.pos += n as u64;
+        self.inner.consume(n);
+    }
+}
+
+/// Reads up to `buf.len()` bytes; fewer only at the end of the input.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Where a scan of cpio archives stopped.
+enum CpioScan {
+    /// The content of `/.profile`.
+    Profile(Vec<u8>),
+    /// The input ended after complete archives.
+    End,
+    /// Something else starts at this position; its first bytes.
+    Other(u64, Vec<u8>),
+}
+
+/// The largest `/.profile` that is read.
+const PROFILE_LIMIT: u64 = 1 << 20;
+
+/// Reads consecutive cpio archives ("newc", as the kernel and dracut use
+/// them), with the zero padding between them, until `/.profile` is found.
+fn scan_cpio<R: BufRead>(r: &mut Counted<R>) -> io::Result<CpioScan> {
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+    loop {
+        loop {
+            let buf = r.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(CpioScan::End);
+            }
+            let zeros = buf.iter().take_while(|b| **b == 0).count();
+            let all = zeros == buf.len();
+            r.consume(zeros);
+            if !all {
+                break;
+            }
+        }
+        let start = r.pos;
+        let mut magic = [0u8; 6];
+        let n = read_up_to(r, &mut magic)?;
+        if n < 6 || !(magic == *b"070701" || magic == *b"070702") {
+            return Ok(CpioScan::Other(start, magic[..n].to_vec()));
+        }
+        // One archive: entries until TRAILER!!!.
+        loop {
+            let mut head = [0u8; 104];
+            if read_up_to(r, &mut head)? < head.len() {
+                return Err(bad("a cpio header is cut short"));
+            }
+            let field = |i: usize| -> io::Result<u64> {
+                let t = std::str::from_utf8(&head[i * 8..i * 8 + 8])
+                    .map_err(|_| bad("a cpio header is not hex"))?;
+                u64::from_str_radix(t, 16).map_err(|_| bad("a cpio header is not hex"))
+            };
+            let (mode, size, namesize) = (field(1)?, field(6)?, field(11)?);
+            if namesize == 0 || namesize > 4096 {
+                return Err(bad("a cpio entry has an impossible name length"));
+            }
+            let mut name = vec![0u8; namesize as usize];
+            if read_up_to(r, &mut name)? < name.len() {
+                return Err(bad("a cpio entry name is cut short"));
+            }
+            let name_pad = (4 - (110 + namesize) % 4) % 4;
+            io::copy(&mut r.by_ref().take(name_pad), &mut io::sink())?;
+            let name = String::from_utf8_lossy(&name);
+            let name = name.trim_end_matches('\0');
+            let data_pad = (4 - size % 4) % 4;
+            if name == "TRAILER!!!" {
+                io::copy(&mut r.by_ref().take(size + data_pad), &mut io::sink())?;
+                break;
+            }
+            let path = name.trim_start_matches("./").trim_start_matches('/');
+            if path == ".profile" && mode & 0o170000 == 0o100000 && size <= PROFILE_LIMIT {
+                let mut data = vec![0u8; size as usize];
+                if read_up_to(r, &mut data)? < data.len() {
+                    return Err(bad("/.profile is cut short"));
+                }
+                return Ok(CpioScan::Profile(data));
+            }
+            let skipped = io::copy(&mut r.by_ref().take(size + data_pad), &mut io::sink())?;
+            if skipped < size {
+                return Err(bad("a cpio entry is cut short"));
+            }
+            let mut next = [0u8; 6];
+            if read_up_to(r, &mut next)? < 6 || !(next == *b"070701" || next == *b"070702") {
+                return Err(bad("a cpio entry is not followed by another"));
+            }
+        }
+    }
+}
+
+/// The decompressor for data that starts with `magic`.
+fn decompressor(magic: &[u8]) -> Option<&'static str> {
+    if magic.starts_with(b"\xfd7zXZ\0") {
+        Some("xz")
+    } else if magic.starts_with(b"\x1f\x8b") {
+        Some("gzip")
+    } else if magic.starts_with(b"\x28\xb5\x2f\xfd") {
+        Some("zstd")
+    } else if magic.starts_with(b"BZh") {
+        Some("bzip2")
+    } else if magic.starts_with(b"\x02\x21\x4c\x18") {
+        Some("lz4")
+    } else {
+        None
+    }
+}
+
+/// The `/.profile` of an installer initrd, read without root and without
+/// unpacking: an initrd is cpio archives, the first ones often uncompressed
+/// (early microcode), then one compressed with xz, gzip, zstd, bzip2 or lz4,
+/// which the system's tool decompresses through a pipe. `Ok(None)` when
+/// the archives have no `/.profile`.
+pub fn installer_profile(initrd: &Path) -> Result<Option<String>, String> {
+    let shown = initrd
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let open = || fs::File::open(initrd).map_err(|e| format!("cannot read {shown}: {e}"));
+    let mut r = Counted {
+        inner: io::BufReader::new(open()?),
+        pos: 0,
+    };
+    let (at, magic) = match scan_cpio(&mut r) {
+        Ok(CpioScan::Profile(p)) => return Ok(Some(String::from_utf8_lossy(&p).into_owned())),
+        Ok(CpioScan::End) => return Ok(None),
+        Ok(CpioScan::Other(at, magic)) => (at, magic),
+        Err(e) => return Err(format!("{shown} is not a readable initrd: {e}")),
+    };
+    let Some(tool) = decompressor(&magic) else {
+        return Err(format!(
+            "{shown} is neither a cpio archive nor compressed with xz, gzip, zstd, bzip2 or lz4"
+        ));
+    };
+    let mut file = open()?;
+    io::Seek::seek(&mut file, io::SeekFrom::Start(at))
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let mut child = Command::new(tool)
+        .args(["-d", "-c"])
+        .stdin(Stdio::from(file))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                format!("{shown} is {tool}-compressed and {tool} is not installed")
+            } else {
+                format!("cannot run {tool}: {e}")
+            }
+        })?;
+    let out = child.stdout.take().expect("piped");
+    let scanned = scan_cpio(&mut Counted {
+        inner: io::BufReader::new(out),
+        pos: 0,
+    });
+    // The rest of the archive is not needed.
+    let _ = child.kill();
+    let status = child.wait();
+    match scanned {
+        Ok(CpioScan::Profile(p)) => Ok(Some(String::from_utf8_lossy(&p).into_owned())),
+        // Something after the archives that is not one: nothing more to read.
+        Ok(CpioScan::Other(..)) => Ok(None),
+        Ok(CpioScan::End) if status.as_ref().is_ok_and(|s| s.success()) => Ok(None),
+        Ok(CpioScan::End) => Err(format!("{shown} does not decompress with {tool}")),
+        Err(e) => Err(format!(
+            "{shown}: the {tool}-compressed part is not a readable cpio archive: {e}"
+        )),
+    }
 }
 
 /// What an import did.
@@ -599,6 +949,10 @@ pub struct Imported {
     pub kind: String,
     pub files: Vec<String>,
     pub replaced: bool,
+    /// What the installer does before it writes the disk (KIWI builds).
+    pub unattended: Option<bool>,
+    /// What the operator should know (one line each).
+    pub warnings: Vec<String>,
 }
 
 /// A directory under construction; removed unless committed.
@@ -904,6 +1258,7 @@ pub fn import_image(
         &build.installer_kernel,
         &build.installer_initrd,
         &args,
+        true,
     );
     crate::render::Template::parse(Path::new("host.tmpl"), &script).map_err(|e| {
         ImportError::Invalid(format!("the generated host.tmpl does not parse: {e}"))
@@ -914,6 +1269,24 @@ pub fn import_image(
         files.push(link);
     }
     files.push("host.tmpl".into());
+    let (mut info, warnings) = installer_info(
+        name,
+        &stage.path.join(&build.installer_initrd),
+        &build.installer_initrd,
+        &args,
+    );
+    // What the operator set for the image before stays.
+    info.install_deadline_minutes =
+        ImageInfo::read(&target).and_then(|old| old.install_deadline_minutes);
+    write_file(
+        &stage.path.join(IMAGE_INFO),
+        &format!(
+            "{}\n",
+            serde_json::to_string_pretty(&info)
+                .map_err(|e| io_err("cannot write image.json", e))?
+        ),
+    )?;
+    files.push(IMAGE_INFO.into());
     files.sort();
     let replaced = commit(stage, &target, force)?;
     Ok(Imported {
@@ -922,6 +1295,8 @@ pub fn import_image(
         kind: format!("KIWI build {}, {}", build.prefix, build.generation),
         files,
         replaced,
+        unattended: info.unattended,
+        warnings,
     })
 }
 
@@ -1106,7 +1481,7 @@ pub fn import_live_iso(
         format!("Boots the live system's /boot/{arch}/loader/linux and initrd; the system"),
         format!("fetches {iso_name} over HTTP (root=live:) and runs from memory."),
     ];
-    let script = boot_script(name, &header, "linux", "initrd", &args);
+    let script = boot_script(name, &header, "linux", "initrd", &args, false);
     write_file(&stage.path.join("host.tmpl"), &script)?;
     let replaced = commit(stage, &target, force)?;
     Ok(Imported {
@@ -1120,6 +1495,8 @@ pub fn import_live_iso(
             "linux".into(),
         ],
         replaced,
+        unattended: None,
+        warnings: Vec::new(),
     })
 }
 
@@ -1251,6 +1628,39 @@ mod tests {
         assert!(kernel_args("", "u", "i")
             .unwrap()
             .contains("rd.kiwi.install.pxe"));
+    }
+
+    #[test]
+    fn install_devices_and_profiles() {
+        for good in [
+            "/dev/sda",
+            "/dev/nvme0n1",
+            "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4",
+            "/dev/disk/by-path/pci-0000:00:1f.2-ata-1",
+        ] {
+            assert!(check_install_device(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "sda",
+            "/dev/",
+            "/dev//sda",
+            "/dev/../sda",
+            "/dev/./sda",
+            "/sys/sda",
+            "/dev/sda b",
+            "/dev/${x}",
+            "/dev/sda||x",
+            "/dev/a\\x20b",
+            "/dev/sda\n",
+        ] {
+            assert!(check_install_device(bad).is_err(), "{bad:?}");
+        }
+        assert!(profile_unattended("a='1'\nkiwi_oemunattended='true'\n"));
+        assert!(profile_unattended("kiwi_oemunattended=\"true\""));
+        assert!(!profile_unattended("kiwi_oemunattended='false'\n"));
+        assert!(!profile_unattended("kiwi_oemunattended_id='true'\n"));
+        assert!(!profile_unattended("kiwi_iname='x'\n"));
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //! - [`store`]: the locked, atomic load/save path shared by handler and CLI;
 //! - [`events`]: the append-only event log;
 //! - [`lifecycle`]: what a machine boots next, as pure functions;
+//! - [`select`]: the `--where` host selectors, as pure values;
+//! - [`rollout`]: waves of installs and when to start or stop them;
 //! - [`render`]: `@name@` templates rendered with tinytemplate;
 //! - [`api`]: the HTTP paths; [`fcgi`]: the FastCGI and CGI adapters;
 //! - [`config`]: deployment settings; [`metrics`]: Prometheus counters kept
 //!   across processes; [`view`]: the JSON form of a host (CLI and API).
-//! - [`cli`]: the `kiwispray-hosts` commands; [`images`]: KIWI image and live ISO import.
+//! - [`cli`]: the `kiwispray-hosts` commands; [`images`]: KIWI image and live ISO import;
+//!   [`inventory`]: inventory import as a pure plan.
 
 pub mod api;
 pub mod cli;
@@ -24,9 +27,12 @@ pub mod fcgi;
 pub mod hosts;
 pub mod identity;
 pub mod images;
+pub mod inventory;
 pub mod lifecycle;
 pub mod metrics;
 pub mod render;
+pub mod rollout;
 pub mod runtime;
+pub mod select;
 pub mod store;
 pub mod view;

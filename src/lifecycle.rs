@@ -199,6 +199,23 @@ pub enum InstallDecision {
     Start,
     /// Start nothing; hold the host for this reason.
     Hold(HoldCause, String),
+    /// Start nothing now: this many hosts install already, the cap.
+    Defer(usize),
+}
+
+/// The rollout cap: a host that is not installing yet may start only while
+/// fewer than `max_installs` hosts are.
+pub fn capacity_decision(
+    rt: &HostRuntime,
+    installing: usize,
+    max_installs: Option<usize>,
+) -> Option<InstallDecision> {
+    match max_installs {
+        Some(max) if !rt.is_installing() && installing >= max => {
+            Some(InstallDecision::Defer(installing))
+        }
+        _ => None,
+    }
 }
 
 /// The install-safety rules, applied when a host in image state `state`

@@ -52,6 +52,7 @@ pub const BOOT_OUTCOMES: &[&str] = &[
     "conflict",
     "held",
     "refused",
+    "deferred",
 ];
 
 /// Counts of this process not yet added to the shared file: series (as

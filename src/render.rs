@@ -9,7 +9,10 @@
 //! - `raw` (the default): the value as it is;
 //! - `shell`: one shell word in single quotes, safe to paste into `sh`;
 //! - `url`: percent-encoded, safe inside a URL query or path segment;
-//! - `json`: a JSON literal.
+//! - `json`: a JSON literal;
+//! - `ipxe`: the value as it is, if it is one safe word on an iPXE command
+//!   line (no whitespace, control characters, quotes or any of
+//!   `$ { } \ # & | ; < > ` and backquote); any other value fails the render.
 //!
 //! A placeholder whose value does not exist (or is `null`) stays literally
 //! in place, so templates can test for it. An `@` that does not start a
@@ -32,6 +35,7 @@ pub enum Filter {
     Shell,
     Url,
     Json,
+    Ipxe,
 }
 
 impl Filter {
@@ -41,6 +45,7 @@ impl Filter {
             Filter::Shell => "shell",
             Filter::Url => "url",
             Filter::Json => "json",
+            Filter::Ipxe => "ipxe",
         }
     }
 }
@@ -129,6 +134,7 @@ impl Template {
                     "shell" => Filter::Shell,
                     "url" => Filter::Url,
                     "json" => Filter::Json,
+                    "ipxe" => Filter::Ipxe,
                     other => {
                         let (line, column) = position(text, i);
                         return Err(TemplateError {
@@ -137,7 +143,7 @@ impl Template {
                             column,
                             message: format!(
                                 "unknown filter {other:?} in @{name}|{other}@ \
-                                 (known: raw, shell, url, json)"
+                                 (known: raw, shell, url, json, ipxe)"
                             ),
                         });
                     }
@@ -221,6 +227,7 @@ impl Template {
         tt.add_formatter("shell", format_shell);
         tt.add_formatter("url", format_url);
         tt.add_formatter("json", format_json);
+        tt.add_formatter("ipxe", format_ipxe);
         tt.add_template("t", &source)
             .map_err(|e| format!("cannot compile template: {e}"))?;
         let ctx = serde_json::json!({ "v": values });
@@ -279,6 +286,46 @@ fn format_url(value: &Value, out: &mut String) -> tinytemplate::error::Result<()
 fn format_json(value: &Value, out: &mut String) -> tinytemplate::error::Result<()> {
     out.push_str(&value.to_string());
     Ok(())
+}
+
+fn format_ipxe(value: &Value, out: &mut String) -> tinytemplate::error::Result<()> {
+    let text = plain(value);
+    if !ipxe_word_safe(&text) {
+        return Err(tinytemplate::error::Error::GenericError {
+            msg: format!(
+                "{:?} is not one safe word for an iPXE command line (the ipxe filter)",
+                text.chars().take(80).collect::<String>()
+            ),
+        });
+    }
+    out.push_str(&text);
+    Ok(())
+}
+
+/// Whether `s` is one non-empty word that iPXE and a kernel command line
+/// take literally: printable ASCII without whitespace, quotes, `${` (settings
+/// expansion), `#` (comments), `&&`/`||`/`;` (command separators), or the
+/// backslash, braces, backquote and angle brackets.
+pub fn ipxe_word_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_graphic()
+                && !matches!(
+                    b,
+                    b'$' | b'{'
+                        | b'}'
+                        | b'\\'
+                        | b'#'
+                        | b'&'
+                        | b'|'
+                        | b';'
+                        | b'"'
+                        | b'\''
+                        | b'`'
+                        | b'<'
+                        | b'>'
+                )
+        })
 }
 
 /// One POSIX shell word that stands for exactly `s`.
@@ -435,6 +482,41 @@ mod tests {
             render("@metadata.net@", ctx),
             "{\"name\":\"it's a & b\",\"vlan\":12}"
         );
+    }
+
+    #[test]
+    fn ipxe_filter_inserts_safe_words_and_refuses_the_rest() {
+        let t = Template::parse(
+            Path::new("t.tmpl"),
+            "kernel k x=@metadata.d|ipxe@ @missing|ipxe@",
+        )
+        .unwrap();
+        let ok = t
+            .render(&json!({"metadata": {"d": "/dev/disk/by-id/nvme-X_1:2+3@4,5=6"}}))
+            .unwrap();
+        assert_eq!(
+            ok,
+            "kernel k x=/dev/disk/by-id/nvme-X_1:2+3@4,5=6 @missing|ipxe@"
+        );
+        for bad in [
+            "",
+            "a b",
+            "a\tb",
+            "a\nreboot",
+            "${x}",
+            "a||b",
+            "a&&b",
+            "a;b",
+            "#x",
+            "a'b",
+            "a\"b",
+            "a\\b",
+            "a`b`",
+            "é",
+        ] {
+            let err = t.render(&json!({"metadata": {"d": bad}})).unwrap_err();
+            assert!(err.contains("iPXE"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

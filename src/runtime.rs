@@ -176,6 +176,12 @@ impl HostRuntime {
         *self == HostRuntime::default()
     }
 
+    /// Whether an install is in progress: an open attempt whose bootid is
+    /// not used up.
+    pub fn is_installing(&self) -> bool {
+        self.bootid.is_some() && self.open_attempt().is_some()
+    }
+
     /// The attempt in progress, if any.
     pub fn open_attempt(&self) -> Option<&Attempt> {
         self.attempts.last().filter(|a| a.is_open())
@@ -390,6 +396,8 @@ pub struct RuntimeTable {
     shards: Vec<Arc<HashMap<u64, Arc<HostRuntime>>>>,
     len: usize,
     max_id: u64,
+    /// Records with an install in progress (see [`HostRuntime::is_installing`]).
+    installing: usize,
 }
 
 impl Default for RuntimeTable {
@@ -398,6 +406,7 @@ impl Default for RuntimeTable {
             shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
             len: 0,
             max_id: 0,
+            installing: 0,
         }
     }
 }
@@ -429,7 +438,13 @@ impl RuntimeTable {
             .get(&patch.id)
             .map(|r| (**r).clone())
             .unwrap_or_default();
+        let was = rt.is_installing();
         patch.apply(&mut rt);
+        match (was, rt.is_installing()) {
+            (false, true) => self.installing += 1,
+            (true, false) => self.installing -= 1,
+            _ => {}
+        }
         let had = if rt.is_empty() {
             shard.remove(&patch.id).is_some()
         } else {
@@ -445,6 +460,12 @@ impl RuntimeTable {
         } else if patch.id == self.max_id {
             self.max_id = self.ids().max().unwrap_or(0);
         }
+    }
+
+    /// How many hosts have an install in progress: an open attempt and its
+    /// bootid. What `max_installs` caps.
+    pub fn installing(&self) -> usize {
+        self.installing
     }
 
     /// How many hosts have a record.

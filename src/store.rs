@@ -237,9 +237,17 @@ pub struct Txn {
     rt: RuntimeTable,
     patches: Vec<Patch>,
     events: Vec<Event>,
+    aborted: bool,
 }
 
 impl Txn {
+    /// Drops everything this change did so far, and whatever it does after:
+    /// a change that cannot be made whole is not made at all. The other
+    /// changes of the same commit group are unaffected.
+    pub fn abort(&mut self) {
+        self.aborted = true;
+    }
+
     /// Records an event; it is written to the event log once the change is
     /// saved.
     pub fn record(&mut self, event: Event) {
@@ -839,11 +847,23 @@ impl Inner {
             rt: (*current.rt).clone(),
             patches: Vec::new(),
             events: Vec::new(),
+            aborted: false,
         };
         drop(current);
         txn.db.clear_changed();
         for run in runs {
+            // What this change finds, to go back to if it aborts (cheap:
+            // both are shared copy-on-write structures).
+            let (db, rt) = (txn.db.clone(), txn.rt.clone());
+            let (patches, events) = (txn.patches.len(), txn.events.len());
             run(&mut txn);
+            if txn.aborted {
+                txn.db = db;
+                txn.rt = rt;
+                txn.patches.truncate(patches);
+                txn.events.truncate(events);
+                txn.aborted = false;
+            }
         }
         // The configuration first: a crash before the log is written
         // leaves a stale fact, never a machine that installs again.
@@ -1468,6 +1488,34 @@ mod tests {
                 assert_eq!(h.hostname, format!("h{t}-14"));
             }
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_aborted_change_leaves_nothing_and_spares_its_group() {
+        let dir = temp_root("abort");
+        let s = Arc::new(store(&dir));
+        hosts_in_install(&s, 2);
+        let a = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                s.modify(|t| {
+                    t.db.update(1, |h| h.hostname = "half".into());
+                    t.update_runtime(1, |rt| rt.bootid = Some("half".into()));
+                    t.record(Event::now(1, "", "", "test", ""));
+                    t.abort();
+                })
+                .unwrap()
+            })
+        };
+        s.modify(|t| t.db.update(2, |h| h.hostname = "kept".into()))
+            .unwrap();
+        a.join().unwrap();
+        let snap = store(&dir).snapshot().unwrap();
+        assert_eq!(snap.get(1).unwrap().hostname, "not-set");
+        assert_eq!(snap.runtime(1).bootid, None);
+        assert_eq!(snap.get(2).unwrap().hostname, "kept");
+        assert!(!dir.join("events.jsonl").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,12 +1,16 @@
 //! Integration tests of `kiwispray-hosts`: the real binary against
 //! temporary deployment roots, for every command and its error paths;
 //! imports of synthetic KIWI builds of each naming generation; previews
-//! compared with what the real handler serves; and CLI edits racing with
-//! machines registering through nginx.
+//! compared with what the real handler serves; CLI edits racing with
+//! machines registering through nginx; and attended KIWI installers and
+//! per-host install disks.
 //!
 //! Outside tools these tests need: `xz`, `tar`, `sha256sum`/`md5sum`/
-//! `sha512sum`, `xorriso` (live ISO import) and `nginx` with `curl` (the
-//! concurrency test). `make test-unit` installs them (Makefile TEST_PKGS).
+//! `sha512sum`, `xorriso` (live ISO import), `nginx` with `curl` (the
+//! concurrency test), `gzip`, `bzip2` and, where installed, `zstd`
+//! (compressed installer initrds), and `qemu-system-x86_64` with Debian's
+//! `ipxe.lkrn` (a generated boot script run in real iPXE, without network).
+//! `make test-unit` installs them (Makefile TEST_PKGS).
 
 use serde_json::{json, Value};
 use std::fs;
@@ -1135,6 +1139,7 @@ fn import_each_naming_generation_from_tar_tar_xz_and_directory() {
             files.sort();
             let mut want = vec![
                 "host.tmpl".to_string(),
+                "image.json".to_string(),
                 format!("{prefix}.xz"),
                 format!("{prefix}.{ext}"),
                 format!("{prefix}.append"),
@@ -1766,6 +1771,598 @@ fn progress_only_on_a_terminal_for_large_files() {
         "{text}"
     );
     assert!(text.contains("imported image big2"), "{text}");
+}
+
+// ------------------------------------------ attended images, install disk
+
+mod common;
+
+/// One entry of a cpio "newc" archive, the format of initrds.
+fn newc_entry(out: &mut Vec<u8>, ino: usize, name: &str, mode: u32, data: &[u8]) {
+    out.extend_from_slice(
+        format!(
+            "070701{ino:08X}{mode:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
+/// A cpio "newc" archive of `(path, mode, content)` entries, padded with
+/// zeros to 512 bytes as GNU cpio does.
+fn cpio_newc(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, (name, mode, data)) in entries.iter().enumerate() {
+        newc_entry(&mut out, i + 1, name, *mode, data);
+    }
+    newc_entry(&mut out, 0, "TRAILER!!!", 0, b"");
+    while out.len() % 512 != 0 {
+        out.push(0);
+    }
+    out
+}
+
+/// `data` compressed by `tool` (`xz`, `gzip`, `zstd`, ...), or `None` when
+/// the tool is not installed.
+fn compress(tool: &str, data: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    let mut c = Command::new(tool)
+        .arg("-c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut stdin = c.stdin.take().unwrap();
+    let data = data.to_vec();
+    let w = thread::spawn(move || stdin.write_all(&data).unwrap());
+    let out = c.wait_with_output().unwrap();
+    w.join().unwrap();
+    assert!(out.status.success(), "{tool} failed");
+    Some(out.stdout)
+}
+
+/// What a KIWI installer's `/.profile` holds, attended or not.
+fn kiwi_profile(unattended: bool) -> String {
+    format!("kiwi_iname='web'\nkiwi_oemunattended='{unattended}'\nkiwi_oemrootMB='2048'\n")
+}
+
+/// An installer initrd as dracut and KIWI build it: optionally an
+/// uncompressed early-microcode archive, then the main archive (with
+/// `/.profile` under `profile_name`) compressed with `tool` ("none": not
+/// compressed). `None` when `tool` is not installed.
+fn installer_initrd(
+    tool: &str,
+    microcode: bool,
+    profile_name: &str,
+    profile: &str,
+) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    if microcode {
+        out.extend(cpio_newc(&[
+            ("kernel", 0o40755, b""),
+            ("kernel/x86", 0o40755, b""),
+            ("kernel/x86/microcode", 0o40755, b""),
+            (
+                "kernel/x86/microcode/GenuineIntel.bin",
+                0o100644,
+                &[0x55u8; 1000],
+            ),
+        ]));
+    }
+    let filler: Vec<u8> = (0..50_000u32).map(|i| (i % 253) as u8).collect();
+    let main = cpio_newc(&[
+        (".", 0o40755, b""),
+        ("bin", 0o40755, b""),
+        ("bin/dracut-stand-in", 0o100755, &filler),
+        ("etc", 0o40755, b""),
+        ("etc/profile", 0o100644, b"not the kiwi profile\n"),
+        (profile_name, 0o100644, profile.as_bytes()),
+        ("usr", 0o40755, b""),
+    ]);
+    if tool == "none" {
+        out.extend(main);
+    } else {
+        out.extend(compress(tool, &main)?);
+    }
+    Some(out)
+}
+
+/// The installer initrd of a build made by [`make_build`].
+fn installer_initrd_path(build: &Path, gen: Gen, prefix: &str) -> PathBuf {
+    build.join(match gen {
+        Gen::Bare => "pxeboot.initrd.xz".to_string(),
+        Gen::XzInitrd => format!("pxeboot.{prefix}.initrd.xz"),
+        Gen::Current => format!("pxeboot.{prefix}.initrd"),
+    })
+}
+
+/// A build whose installer is attended (`unattended` false) or not.
+fn kiwi_build(dir: &Path, prefix: &str, unattended: bool) -> PathBuf {
+    let build = make_build(dir, Gen::Current, prefix, Tamper::None);
+    let initrd = installer_initrd("xz", true, ".profile", &kiwi_profile(unattended)).unwrap();
+    fs::write(installer_initrd_path(&build, Gen::Current, prefix), initrd).unwrap();
+    build
+}
+
+fn image_info(r: &Root, name: &str) -> Value {
+    serde_json::from_str(
+        &fs::read_to_string(r.path().join("images").join(name).join("image.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn import_image_tells_attended_from_unattended_installers() {
+    let r = Root::new("attended-import");
+    let work = TempDir::new("attended-import-src");
+    // (compression, early microcode, name of the profile in the archive,
+    // naming generation, unattended)
+    let cases = [
+        ("xz", true, ".profile", Gen::Current, false),
+        ("gzip", false, "./.profile", Gen::Current, true),
+        ("zstd", true, ".profile", Gen::Current, false),
+        ("none", true, ".profile", Gen::Current, false),
+        ("bzip2", false, ".profile", Gen::XzInitrd, true),
+        ("xz", false, ".profile", Gen::Bare, false),
+    ];
+    for (i, (tool, microcode, profile_name, gen, unattended)) in cases.into_iter().enumerate() {
+        let name = format!("img{i}");
+        let prefix = if gen == Gen::Bare {
+            "img"
+        } else {
+            "img.x86_64-1"
+        };
+        let dir = work.path().join(&name);
+        let build = make_build(&dir, gen, prefix, Tamper::None);
+        let initrd = installer_initrd_path(&build, gen, prefix);
+        let Some(data) = installer_initrd(tool, microcode, profile_name, &kiwi_profile(unattended))
+        else {
+            // Without the tool the test cannot compress, and the import
+            // cannot decompress: it says so instead of guessing.
+            let mut fake = match tool {
+                "zstd" => b"\x28\xb5\x2f\xfd".to_vec(),
+                "bzip2" => b"BZh91AY&SY".to_vec(),
+                other => panic!("{other} is needed to make a compressed initrd"),
+            };
+            fake.extend_from_slice(&[0u8; 64]);
+            fs::write(&initrd, fake).unwrap();
+            let run = r
+                .run(&["import-image", &name, build.to_str().unwrap()])
+                .ok();
+            assert!(
+                run.stderr.contains(&format!("{tool} is not installed")),
+                "{tool}: {}",
+                run.stderr
+            );
+            assert_eq!(image_info(&r, &name)["unattended"], Value::Null);
+            continue;
+        };
+        fs::write(&initrd, data).unwrap();
+        let run = r
+            .run(&["import-image", &name, build.to_str().unwrap(), "--json"])
+            .ok();
+        let j = run.json();
+        assert_eq!(j["unattended"], unattended, "{tool}: {}", run.stdout);
+        assert!(
+            j["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "image.json"),
+            "{}",
+            run.stdout
+        );
+        let info = image_info(&r, &name);
+        assert_eq!(info["unattended"], unattended, "{tool}: {info}");
+        assert_eq!(
+            info["installer_initrd"],
+            initrd.file_name().unwrap().to_str().unwrap()
+        );
+        if unattended {
+            assert_eq!(run.stderr, "", "{tool}");
+        } else {
+            assert_eq!(run.stderr.lines().count(), 1, "{tool}: {}", run.stderr);
+            for part in [
+                &format!("kiwispray-hosts: warning: image {name} is attended"),
+                "kiwi_oemunattended='true'",
+                "<oem-unattended>true</oem-unattended>",
+                "--meta-set installdevice=/dev/disk/by-id/",
+            ] {
+                assert!(
+                    run.stderr.contains(part),
+                    "{tool}: {part:?} in {}",
+                    run.stderr
+                );
+            }
+        }
+    }
+
+    // An installer that is no cpio archive (a stand-in) is not judged.
+    let build = make_build(
+        &work.path().join("stub"),
+        Gen::Current,
+        "s.x86_64-1",
+        Tamper::None,
+    );
+    let run = r
+        .run(&["import-image", "stub", build.to_str().unwrap()])
+        .ok();
+    assert_eq!(run.stderr, "");
+    let info = image_info(&r, "stub");
+    assert_eq!(info["unattended"], Value::Null);
+    assert!(
+        info["unknown_because"]
+            .as_str()
+            .unwrap()
+            .contains("neither a cpio archive"),
+        "{info}"
+    );
+    // A cpio initrd without /.profile is no KIWI installer either.
+    fs::write(
+        installer_initrd_path(&build, Gen::Current, "s.x86_64-1"),
+        cpio_newc(&[("init", 0o100755, b"#!/bin/sh\n")]),
+    )
+    .unwrap();
+    let run = r
+        .run(&["import-image", "stub", build.to_str().unwrap(), "--force"])
+        .ok();
+    assert_eq!(run.stderr, "");
+    assert!(image_info(&r, "stub")["unknown_because"]
+        .as_str()
+        .unwrap()
+        .contains("no /.profile"));
+
+    // An install disk for every host in --append: attended, but no warning.
+    let build = kiwi_build(&work.path().join("all"), "all.x86_64-1", false);
+    let run = r
+        .run(&[
+            "import-image",
+            "all",
+            build.to_str().unwrap(),
+            "--append",
+            "rd.kiwi.oem.installdevice=/dev/vda",
+        ])
+        .ok();
+    assert_eq!(run.stderr, "");
+    assert_eq!(image_info(&r, "all")["unattended"], false);
+    r.run(&["add", "--mac", MAC1, "--state", "all"]).ok();
+    let out = r.run(&["check"]).ok().stdout;
+    assert!(out.starts_with("ok:"), "{out}");
+}
+
+#[test]
+fn attended_image_with_a_per_host_install_disk_passes_check_and_renders_it() {
+    let r = root_with_host("attended-disk");
+    let work = TempDir::new("attended-disk-src");
+    let prefix = "web.x86_64-1.2.3";
+    let build = kiwi_build(work.path(), prefix, false);
+    let run = r
+        .run(&["import-image", "web", build.to_str().unwrap()])
+        .ok();
+    assert!(run.stderr.contains("is attended"), "{}", run.stderr);
+    let disk = "/dev/disk/by-id/nvme-EXAMPLE_SSD_1TB_S4EWNX0N123456";
+    r.run(&[
+        "set",
+        "1",
+        "--state",
+        "web",
+        "--meta-set",
+        &format!("installdevice={disk}"),
+    ])
+    .ok();
+    let out = r.run(&["check", "--deep"]).ok().stdout;
+    assert!(out.starts_with("ok: 1 hosts, 1 images"), "{out}");
+
+    // What the real handler serves the installing host: the installer's
+    // kernel line carries the host's disk.
+    let server = "127.0.0.1:5000";
+    let (status, body) = handler(r.path(), "/bootstrap", "net0=52-54-00-00-00-01", server);
+    assert!(status.contains("200"), "{status}");
+    let bootid = r.host(1)["bootid"].as_str().unwrap().to_string();
+    let kernel = body
+        .lines()
+        .find(|l| l.starts_with("kernel ") && l.contains("rd.kiwi.oem.installdevice="))
+        .unwrap_or_else(|| panic!("{body}"));
+    let words: Vec<&str> = kernel.split_whitespace().collect();
+    assert!(
+        words.contains(&format!("rd.kiwi.oem.installdevice={disk}").as_str()),
+        "{kernel}"
+    );
+    assert!(
+        words.contains(
+            &format!("razorurl=http://{server}/post-install?id=1&bootid={bootid}").as_str()
+        ),
+        "{kernel}"
+    );
+    assert!(
+        body.contains(&format!(
+            "\niseq {disk} {disk} || goto ks-no-installdevice\n"
+        )),
+        "{body}"
+    );
+    common::golden::check(
+        "bootstrap-install-installdevice.ipxe",
+        &common::golden::normalise(&body, &[(&bootid, "@BOOTID@")]),
+    );
+    // The preview is the same script.
+    assert_eq!(
+        r.run(&["render", "1", "--server", server]).ok().stdout,
+        body
+    );
+}
+
+#[test]
+fn attended_image_without_an_install_disk_is_flagged_by_check() {
+    let r = root_with_host("attended-nodisk");
+    // Many install boots of one host below: no loop breaker here.
+    fs::write(
+        r.path().join("kiwispray.json"),
+        r#"{"max_install_boots": 1000}"#,
+    )
+    .unwrap();
+    let work = TempDir::new("attended-nodisk-src");
+    let build = kiwi_build(&work.path().join("a"), "web.x86_64-1", false);
+    r.run(&["import-image", "web", build.to_str().unwrap()])
+        .ok();
+    let build = kiwi_build(&work.path().join("u"), "auto.x86_64-1", true);
+    let run = r
+        .run(&["import-image", "auto", build.to_str().unwrap()])
+        .ok();
+    assert_eq!(run.stderr, "", "an unattended image imports quietly");
+    r.run(&["set", "1", "--state", "web"]).ok();
+    // Host 2 has a disk; host 3 is in the unattended image's state.
+    r.run(&[
+        "add",
+        "--mac",
+        MAC2,
+        "--state",
+        "web",
+        "--meta",
+        r#"{"installdevice": "/dev/sdb"}"#,
+    ])
+    .ok();
+    r.run(&["add", "--mac", "52:54:00:00:00:03", "--state", "auto"])
+        .ok();
+    let run = r.run(&["check"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let problems: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("problem: "))
+        .collect();
+    assert_eq!(problems.len(), 1, "{}", run.stdout);
+    for part in [
+        "host 1 is in state web",
+        "attended",
+        "Destroying ALL data on <disk>, continue ?",
+        "kiwispray-hosts set 1 --meta-set installdevice=/dev/disk/by-id/",
+        "<oem-unattended>true</oem-unattended>",
+    ] {
+        assert!(problems[0].contains(part), "{part:?} in {}", problems[0]);
+    }
+    let j = r.run(&["check", "--json"]).json();
+    assert_eq!(j["ok"], false);
+    assert_eq!(j["problems"].as_array().unwrap().len(), 1, "{j}");
+    // The host boots the installer all the same (check only warns), without
+    // a disk on its kernel line.
+    let (_, body) = handler(
+        r.path(),
+        "/bootstrap",
+        "net0=52-54-00-00-00-01",
+        "10.0.0.1:5000",
+    );
+    assert!(
+        body.contains("\niseq @metadata.installdevice|ipxe@ @metadata.installdevice@ || goto ks-no-installdevice\n"),
+        "{body}"
+    );
+
+    // A disk of the wrong shape is flagged, and a value iPXE would
+    // misread never reaches a kernel line: the machine gets an error.
+    for (bad, why) in [
+        ("sdb", "not a device path"),
+        ("/dev/../sdb", "not a device path"),
+        ("/dev/sdb1 || shell", "characters"),
+        ("/dev/disk/by-id/${evil}", "characters"),
+    ] {
+        r.run(&["set", "1", "--meta-set", &format!("installdevice={bad}")])
+            .ok();
+        let run = r.run(&["check"]);
+        assert_eq!(run.code, 1);
+        assert!(
+            run.stdout
+                .contains(&format!("host 1: metadata installdevice {bad:?}"))
+                && run.stdout.contains(why),
+            "{bad}: {}",
+            run.stdout
+        );
+        assert_eq!(
+            run.stdout.matches("problem: ").count(),
+            1,
+            "{bad}: {}",
+            run.stdout
+        );
+        let (status, body) = handler(
+            r.path(),
+            "/bootstrap",
+            "net0=52-54-00-00-00-01",
+            "10.0.0.1:5000",
+        );
+        let unsafe_word = bad.contains(' ') || bad.contains('$');
+        if unsafe_word {
+            assert!(status.contains("200"), "{status}");
+            assert!(
+                !body.lines().any(|l| l.starts_with("kernel ")),
+                "{bad}: {body}"
+            );
+            assert!(body.contains("iPXE"), "{bad}: {body}");
+        }
+    }
+    r.run(&[
+        "set",
+        "1",
+        "--meta-set",
+        "installdevice=/dev/disk/by-path/pci-0000:00:1f.2-ata-1",
+    ])
+    .ok();
+    let out = r.run(&["check"]).ok().stdout;
+    assert!(out.starts_with("ok: 3 hosts, 2 images"), "{out}");
+
+    // A host.tmpl that does not pass the disk (written before, or by
+    // hand) is flagged for the hosts that have one.
+    let tmpl = r.path().join("images/web/host.tmpl");
+    let text = fs::read_to_string(&tmpl).unwrap();
+    let old: String = text
+        .lines()
+        .filter(|l| !l.contains("installdevice") && !l.starts_with("goto ks-initrd"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(old.contains("\nkernel "), "{old}");
+    fs::write(&tmpl, old).unwrap();
+    let run = r.run(&["check"]);
+    assert_eq!(run.code, 1);
+    assert_eq!(run.stdout.matches("problem: ").count(), 2, "{}", run.stdout);
+    assert!(
+        run.stdout.contains(
+            "host 1 is in state web, an attended image, and has installdevice metadata, but"
+        ) && run.stdout.contains("does not pass it"),
+        "{}",
+        run.stdout
+    );
+}
+
+/// Runs `script` in real iPXE (Debian's `ipxe.lkrn` under QEMU, given the
+/// script as its initrd, without any network) and returns what it printed
+/// between the lines `KS-BEGIN` and `KS-END`, console line wraps removed.
+fn run_in_ipxe(script: &str) -> String {
+    let lkrn = Path::new("/usr/lib/ipxe/ipxe.lkrn");
+    assert!(
+        lkrn.is_file(),
+        "this test needs {} (Debian package ipxe; `make test-unit` installs it)",
+        lkrn.display()
+    );
+    let dir = TempDir::new("ipxe");
+    let (script_path, serial) = (dir.path().join("s.ipxe"), dir.path().join("serial.log"));
+    fs::write(&script_path, script).unwrap();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-nodefaults", "-nographic", "-display", "none", "-m", "128"])
+        .args(["-net", "none", "-no-reboot", "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(lkrn)
+        .arg("-initrd")
+        .arg(&script_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("this test needs qemu-system-x86_64 (Debian package qemu-system-x86)");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let out = loop {
+        let text = String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).into_owned();
+        if text.contains("KS-END") || Instant::now() > deadline {
+            break text;
+        }
+        if let Ok(Some(st)) = qemu.try_wait() {
+            panic!("QEMU exited ({st}) before the script ended:\n{text}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let flat: String = out.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+    let begin = flat
+        .find("KS-BEGIN")
+        .unwrap_or_else(|| panic!("iPXE did not run the script:\n{out}"));
+    let end = flat
+        .find("KS-END")
+        .unwrap_or_else(|| panic!("the script did not reach its end in 120 s:\n{out}"));
+    flat[begin + "KS-BEGIN".len()..end].to_string()
+}
+
+#[test]
+fn generated_host_tmpl_takes_the_install_disk_branch_in_real_ipxe() {
+    let r = root_with_host("ipxe-disk");
+    let work = TempDir::new("ipxe-disk-src");
+    let build = kiwi_build(work.path(), "web.x86_64-1", false);
+    r.run(&["import-image", "web", build.to_str().unwrap()])
+        .ok();
+    let disk = "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4";
+    r.run(&[
+        "set",
+        "1",
+        "--state",
+        "web",
+        "--meta-set",
+        &format!("installdevice={disk}"),
+    ])
+    .ok();
+    r.run(&["add", "--mac", MAC2, "--state", "web"]).ok();
+    for (query, with_disk) in [
+        ("net0=52-54-00-00-00-01", true),
+        ("net0=52-54-00-00-00-02", false),
+    ] {
+        let (_, body) = handler(r.path(), "/bootstrap", query, "127.0.0.1:5000");
+        // The served script as it is, except that loading the kernel
+        // prints its arguments instead, and the initrd line ends the run.
+        let script: String = body
+            .lines()
+            .map(|l| {
+                if let Some(args) = l.strip_prefix("kernel ") {
+                    format!(
+                        "echo KS-KERNEL {}",
+                        args.trim_end_matches(" || goto ks-failed")
+                    )
+                } else if l.starts_with("initrd ") {
+                    "echo KS-END".to_string()
+                } else if l == "imgfree" {
+                    "echo KS-BEGIN".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        let printed = run_in_ipxe(&script);
+        let kernels: Vec<&str> = printed.split("KS-KERNEL").skip(1).collect();
+        assert_eq!(kernels.len(), 1, "one kernel line runs: {printed}");
+        let words: Vec<&str> = kernels[0].split_whitespace().collect();
+        assert!(
+            words
+                .iter()
+                .any(|w| w.starts_with("razorurl=http://127.0.0.1:5000/post-install?id=")),
+            "{printed}"
+        );
+        let arg = format!("rd.kiwi.oem.installdevice={disk}");
+        assert_eq!(
+            words.contains(&arg.as_str()),
+            with_disk,
+            "{query}: {printed}"
+        );
+        assert!(
+            !printed.contains("installdevice|ipxe"),
+            "no placeholder reaches the kernel: {printed}"
+        );
+    }
 }
 
 /// Issue 9: for a host whose state was set by hand to `../../etc`, `a/b`

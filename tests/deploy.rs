@@ -1,5 +1,6 @@
 //! Deployment tests: the RPM (`make rpm`; its file list, config files and
-//! scriptlets; an install into a scratch root whose binaries then run), the
+//! scriptlets; an install into a scratch root whose binaries then run; the
+//! noarch `kiwispray-firstboot` subpackage with the first-boot agent), the
 //! systemd units (`systemd-analyze verify`, and the handler on a listening
 //! socket passed as fd 0 or as `LISTEN_FDS`, as socket activation does), the
 //! dnsmasq configurations (`dnsmasq --test`), the handler as plain CGI under
@@ -812,13 +813,22 @@ fn rpm_builds_lists_its_files_and_installs_into_a_scratch_root() {
         .filter_map(|l| l.strip_prefix("built "))
         .map(PathBuf::from)
         .collect();
-    let package = built
-        .iter()
-        .find(|p| {
-            p.to_string_lossy().contains("/RPMS/") && p.extension().is_some_and(|e| e == "rpm")
-        })
-        .unwrap_or_else(|| panic!("make rpm printed no binary RPM: {built:?}"))
-        .clone();
+    let binary = |prefix: &str| {
+        built
+            .iter()
+            .find(|p| {
+                p.to_string_lossy().contains("/RPMS/")
+                    && p.extension().is_some_and(|e| e == "rpm")
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_prefix(prefix))
+                        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .unwrap_or_else(|| panic!("make rpm printed no binary RPM {prefix}*: {built:?}"))
+            .clone()
+    };
+    let package = binary("kiwispray-");
+    let firstboot = binary("kiwispray-firstboot-");
     assert!(
         package.starts_with(repo().join("target")),
         "{}",
@@ -1068,4 +1078,125 @@ fn rpm_builds_lists_its_files_and_installs_into_a_scratch_root() {
     };
     let db: serde_json::Value = serde_json::from_str(&fs::read_to_string(&kept).unwrap()).unwrap();
     assert_eq!(host_field(&db, 1, "state"), "discover,new");
+
+    check_firstboot_package(&rpm, &package, &firstboot);
+}
+
+/// The `kiwispray-firstboot` subpackage: noarch, the agent and its unit
+/// with the unit's ExecStart pointing at the packaged script, the preset
+/// that enables it, the KIWI snippet as docs, the systemd scriptlets; no
+/// dependency on the server package; installed into a scratch root, its
+/// files are the tree's.
+fn check_firstboot_package(rpm: &Path, server: &Path, package: &Path) {
+    let query = |args: &[&str], p: &Path| text(&run(Command::new(rpm).args(args).arg(p)));
+    assert_eq!(
+        query(&["-qp", "--qf", "%{NAME} %{ARCH}"], package),
+        "kiwispray-firstboot noarch"
+    );
+    let files: BTreeSet<String> = query(&["-qlp"], package)
+        .lines()
+        .map(String::from)
+        .collect();
+    let script = "/usr/libexec/kiwispray-firstboot";
+    let unit = "/usr/lib/systemd/system/kiwispray-firstboot.service";
+    let docs = "/usr/share/doc/kiwispray-firstboot/kiwi";
+    for f in [
+        script,
+        unit,
+        "/usr/lib/systemd/system-preset/50-kiwispray-firstboot.preset",
+        "/var/lib/kiwispray-firstboot",
+        &format!("{docs}/README.md"),
+        &format!("{docs}/config.xml.fragment"),
+        &format!("{docs}/config.sh"),
+    ] {
+        assert!(
+            files.contains(f),
+            "{f} is not in kiwispray-firstboot:\n{files:#?}"
+        );
+    }
+    assert!(
+        files.iter().all(|f| !f.contains("/usr/com")),
+        "state directory outside /var/lib: {files:#?}"
+    );
+    // The server package does not ship the agent, and the agent does not
+    // need the server (it runs on the installed machines).
+    let server_files = query(&["-qlp"], server);
+    assert!(
+        !server_files.contains("kiwispray-firstboot"),
+        "{server_files}"
+    );
+    let requires = query(&["-qpR"], package);
+    assert!(requires.contains("curl"), "{requires}");
+    assert!(
+        !requires.lines().any(|l| l.trim().starts_with("kiwispray")),
+        "{requires}"
+    );
+    let scripts = query(&["-qp", "--scripts"], package);
+    for part in ["postinstall", "preuninstall", "postuninstall"] {
+        assert!(
+            scripts.contains(&format!("{part} scriptlet")),
+            "no {part}:\n{scripts}"
+        );
+    }
+    for needle in [
+        "preset kiwispray-firstboot.service",
+        "disable kiwispray-firstboot.service",
+    ] {
+        assert!(
+            scripts.contains(needle),
+            "scripts lack {needle}:\n{scripts}"
+        );
+    }
+    let docflags = query(&["-qp", "--docfiles"], package);
+    assert!(
+        docflags.contains(&format!("{docs}/README.md")),
+        "{docflags}"
+    );
+
+    // Installed into a scratch root (scriptlets run by busybox; there is
+    // no systemctl there, so they only skip).
+    let root = scratch("rpm-firstboot-root");
+    minimal_system(&root);
+    run(Command::new(rpm)
+        .arg("--root")
+        .arg(&root)
+        .args(["-i", "--nodeps"])
+        .arg(package));
+    let installed = |p: &str| root.join(p.trim_start_matches('/'));
+    assert_eq!(
+        fs::read(installed(script)).unwrap(),
+        fs::read(repo().join("firstboot/kiwispray-firstboot")).unwrap()
+    );
+    assert_eq!(
+        fs::metadata(installed(script)).unwrap().mode() & 0o777,
+        0o755
+    );
+    let unit_text = fs::read_to_string(installed(unit)).unwrap();
+    assert_eq!(
+        unit_text,
+        fs::read_to_string(repo().join("firstboot/kiwispray-firstboot.service")).unwrap()
+    );
+    assert!(
+        unit_text.contains("\nConditionKernelCommandLine=razorurl\n"),
+        "{unit_text}"
+    );
+    let exec = unit_text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no ExecStart in {unit_text}"));
+    assert_eq!(exec.trim_start_matches(['-', '@', '+', '!']), script);
+    let preset = fs::read_to_string(installed(
+        "/usr/lib/systemd/system-preset/50-kiwispray-firstboot.preset",
+    ))
+    .unwrap();
+    assert_eq!(preset.trim(), "enable kiwispray-firstboot.service");
+    for f in ["README.md", "config.xml.fragment", "config.sh"] {
+        assert_eq!(
+            fs::read(installed(&format!("{docs}/{f}"))).unwrap(),
+            fs::read(repo().join("firstboot/kiwi").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert!(installed("/var/lib/kiwispray-firstboot").is_dir());
 }

@@ -1056,6 +1056,11 @@ fn metrics_add_up_across_cgi_processes_under_lighttpd_mod_cgi() {
         }
         let b = bootid_of(&get(&format!("/bootstrap?net0={}", mac_q(1))));
         assert_eq!(get(&format!("/finish?id=1&bootid={b}")).status, 200);
+        // With at most one install at a time (host 3's is open), host 2's
+        // install boot is deferred.
+        fs::write(root.join("kiwispray.json"), r#"{"max_installs": 1}"#).unwrap();
+        let r = get(&format!("/bootstrap?net0={}", mac_q(2)));
+        assert!(!r.text().contains("echo BOOTID"), "{}", r.text());
         get("/metrics");
         let r = get("/metrics");
         assert_eq!(r.status, 200, "{}", r.text());
@@ -1072,11 +1077,15 @@ fn metrics_add_up_across_cgi_processes_under_lighttpd_mod_cgi() {
             1.0
         );
         assert_eq!(
+            metric(&m, "kiwispray_boots_total{outcome=\"deferred\"}"),
+            1.0
+        );
+        assert_eq!(
             metric(
                 &m,
                 "kiwispray_http_requests_total{path=\"/bootstrap\",status=\"200\"}"
             ),
-            4.0
+            5.0
         );
         assert_eq!(
             metric(

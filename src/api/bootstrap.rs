@@ -27,6 +27,8 @@ use serde_json::Value;
 /// Seconds within which a host's "last seen" time is not written again
 /// (unless its platform changed).
 pub const SEEN_RESOLUTION: u64 = 60;
+/// Seconds a machine beyond `max_installs` waits before it asks again.
+pub const DEFER_RETRY: u64 = 60;
 
 /// What a writing `/bootstrap` did.
 enum BootOutcome {
@@ -36,6 +38,11 @@ enum BootOutcome {
         host: Host,
         rt: Box<HostRuntime>,
         registered: bool,
+    },
+    /// An install boot beyond `max_installs`: nothing started.
+    Deferred {
+        host: Host,
+        installing: usize,
     },
 }
 
@@ -93,6 +100,10 @@ impl Service {
                 self.conflict(req, &matched)
             }
             BootOutcome::NoMac => Response::error(400, "no valid MAC address in the request"),
+            BootOutcome::Deferred { host, installing } => {
+                crate::metrics::count_boot("deferred");
+                self.deferred(req, &host, installing)
+            }
             BootOutcome::Host {
                 host,
                 rt,
@@ -134,6 +145,29 @@ impl Service {
                 txn.update_runtime(id, |rt| rt.seen = Some(seen));
             }
         });
+    }
+
+    /// The answer to an install boot beyond `max_installs`: says so on the
+    /// console and asks again in a minute (`templates/deferred.tmpl`).
+    fn deferred(&self, req: &Request, host: &Host, installing: usize) -> Response {
+        let max = self.config.max_installs.unwrap_or(installing);
+        let mut ctx = self.context(req, host, &HostRuntime::default(), None);
+        if let Value::Object(m) = &mut ctx {
+            m.insert("installing".into(), installing.into());
+            m.insert("max_installs".into(), max.into());
+            m.insert("retry_seconds".into(), DEFER_RETRY.into());
+        }
+        let path = self.config.templates_dir().join("deferred.tmpl");
+        match self.render_first(&[path], &ctx) {
+            Ok(Some(text)) => Response::text(200, text),
+            Ok(None) | Err(_) => Response::text(
+                200,
+                format!(
+                    "#!ipxe\necho KIWIspray: {installing} of at most {max} machines are installing; host {} waits its turn.\nsleep {DEFER_RETRY}\nchain --autofree bootstrap.ipxe || reboot\n",
+                    host.id
+                ),
+            ),
+        }
     }
 
     fn conflict(&self, req: &Request, matched: &[(Key, Vec<u64>)]) -> Response {
@@ -354,14 +388,26 @@ fn boot_change(
                     registered: false,
                 };
             };
-            let decision = lifecycle::install_decision(
+            let mut decision = lifecycle::install_decision(
                 txn.runtime(id),
                 &state,
                 now,
                 config.max_install_boots,
                 config.hold_overdue,
             );
+            if decision == InstallDecision::Start {
+                let installing = txn.runtime_table().installing();
+                if let Some(d) =
+                    lifecycle::capacity_decision(txn.runtime(id), installing, config.max_installs)
+                {
+                    decision = d;
+                }
+            }
             let rt = match decision {
+                InstallDecision::Defer(installing) => {
+                    txn.update_runtime(id, |rt| rt.seen = Some(seen));
+                    return BootOutcome::Deferred { host, installing };
+                }
                 InstallDecision::Start => {
                     let digest = config
                         .image_dir(&state)

@@ -39,7 +39,7 @@ struct Args {
     /// Permissions of a Unix socket created by --bind (octal).
     #[arg(long, default_value = "660", value_parser = parse_mode)]
     socket_mode: u32,
-    /// Most FastCGI connections served at once; more get 503 and Retry-After.
+    /// Most FastCGI connections served at once; more wait for one (503 with Retry-After after 1 s).
     #[arg(long)]
     max_connections: Option<usize>,
     /// Answer one CGI request even if fd 0 is a socket.

@@ -1,6 +1,7 @@
 //! `kiwispray-hosts add`: registers a machine before its first boot. Its
 //! MACs, serial and UUID are checked, and refused if another host has one
 //! of them; the new host gets an id no host or runtime record has.
+
 use super::hosts::{check_hostname, check_keys_free, check_states, parse_object, short, CAUSE};
 use super::{json_text, out, AddArgs, Ctx, Error, Exit, Result};
 use crate::events::Event;

@@ -2,12 +2,14 @@
 //! problem it finds, so an operator learns about a broken template or a
 //! half-copied image before a machine boots into it. It reads the database
 //! file itself (not through the store, which stops at the first error) and
-//! looks at every template and image directory.
+//! looks at every template and image directory. A host in the state of an
+//! attended image (one whose installer asks before it writes the disk, as
+//! `import-image` found out) must get an install disk on its kernel line.
 
 use super::{json_text, out, CheckArgs, Ctx, Exit, Result};
-use crate::hosts::{keys_of, Host, Key, STATE_FINISHED, STATE_NEW};
+use crate::hosts::{keys_of, Host, Key, STATE_DISCOVER, STATE_FINISHED, STATE_NEW};
 use crate::identity::parse_mac_list;
-use crate::images::{verify_image, Checksum};
+use crate::images::{check_install_device, verify_image, Checksum, ImageInfo, INSTALL_DEVICE_KEY};
 use crate::render::Templates;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
@@ -34,6 +36,7 @@ pub fn check(ctx: &Ctx, a: &CheckArgs) -> Result<Exit> {
     let hosts = check_database(ctx, &mut r);
     check_templates(ctx, &mut r);
     check_states(ctx, &hosts, &mut r);
+    check_install_disks(ctx, &hosts, &mut r);
     check_images(ctx, a.deep, &mut r);
     check_runtime(ctx, &mut r);
     if a.json {
@@ -232,6 +235,106 @@ fn check_states(ctx: &Ctx, hosts: &[Host], r: &mut Report) {
     }
 }
 
+/// The boot template of image state `name`, as the boot service picks it.
+fn boot_template(ctx: &Ctx, name: &str) -> Option<PathBuf> {
+    [
+        ctx.config.images_dir().join(name).join("host.tmpl"),
+        ctx.config.templates_dir().join(format!("{name}.tmpl")),
+        ctx.config.templates_dir().join("known_host.tmpl"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+}
+
+/// Every host's install disk has the shape of a device path, and every
+/// host in the state of an attended image gets one on its kernel line
+/// (`rd.kiwi.oem.installdevice=`): without it the installer stops at
+/// "Destroying ALL data on <disk>, continue ?" and the machine waits.
+fn check_install_disks(ctx: &Ctx, hosts: &[Host], r: &mut Report) {
+    let templates = Templates::default();
+    let mut infos: HashMap<String, Option<ImageInfo>> = HashMap::new();
+    for h in hosts {
+        // None: no disk given; Some(false): a bad one (reported here).
+        let disk = match h.metadata.get(INSTALL_DEVICE_KEY) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(dev)) => match check_install_device(dev) {
+                Ok(()) => Some(true),
+                Err(e) => {
+                    r.problem(format!("host {}: metadata {e}", h.id));
+                    Some(false)
+                }
+            },
+            Some(other) => {
+                r.problem(format!(
+                    "host {}: metadata {INSTALL_DEVICE_KEY} is {other}, not a device path",
+                    h.id
+                ));
+                Some(false)
+            }
+        };
+        if disk == Some(false) {
+            continue;
+        }
+        let mut seen = Vec::new();
+        for s in h.state.split(',').map(str::trim) {
+            if seen.contains(&s)
+                || matches!(s, STATE_NEW | STATE_FINISHED | STATE_DISCOVER)
+                || crate::lifecycle::check_state_name(s).is_err()
+            {
+                continue;
+            }
+            seen.push(s);
+            let info = infos
+                .entry(s.to_string())
+                .or_insert_with(|| ImageInfo::read(&ctx.config.images_dir().join(s)));
+            if info.as_ref().and_then(|i| i.unattended) != Some(false) {
+                continue;
+            }
+            let Some(path) = boot_template(ctx, s) else {
+                continue; // reported by the image check
+            };
+            let Ok(Some(t)) = templates.load(&path) else {
+                continue; // reported by the template check
+            };
+            let mut values = match h.to_value() {
+                serde_json::Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            };
+            values.remove("bootid");
+            values.insert("state".into(), s.into());
+            values.insert("chain".into(), h.state.clone().into());
+            let text = match t.render(&serde_json::Value::Object(values)) {
+                Ok(t) => t,
+                Err(msg) => {
+                    r.problem(format!(
+                        "host {}: {} does not render for it: {msg}",
+                        h.id,
+                        path.display()
+                    ));
+                    continue;
+                }
+            };
+            if !text.contains("rd.kiwi.oem.installdevice=/") && disk == Some(true) {
+                r.problem(format!(
+                    "host {} is in state {s}, an attended image, and has {INSTALL_DEVICE_KEY} \
+                     metadata, but {} does not pass it (rd.kiwi.oem.installdevice=); \
+                     import the image again with --force to regenerate its host.tmpl",
+                    h.id,
+                    path.display()
+                ));
+            } else if !text.contains("rd.kiwi.oem.installdevice=/") {
+                r.problem(format!(
+                    "host {} is in state {s}, but image {s} is attended (its installer asks \
+                     \"Destroying ALL data on <disk>, continue ?\" and waits) and the host has no \
+                     install disk: kiwispray-hosts set {} --meta-set {INSTALL_DEVICE_KEY}=/dev/disk/by-id/..., \
+                     or rebuild the image with <oem-unattended>true</oem-unattended>",
+                    h.id, h.id
+                ));
+            }
+        }
+    }
+}
+
 /// The files of image directories a rendered boot script refers to.
 #[derive(Debug, Default, PartialEq)]
 struct Refs {
@@ -330,18 +433,13 @@ fn check_images(ctx: &Ctx, deep: bool, r: &mut Report) {
             r.problem(format!("image directory {}: {msg}", e.path().display()));
             continue;
         }
-        let candidates = [
-            e.path().join("host.tmpl"),
-            ctx.config.templates_dir().join(format!("{name}.tmpl")),
-            ctx.config.templates_dir().join("known_host.tmpl"),
-        ];
-        let Some(path) = candidates.iter().find(|p| p.is_file()) else {
+        let Some(path) = boot_template(ctx, &name) else {
             r.problem(format!(
                 "image {name} has no host.tmpl and there is no template to boot it"
             ));
             continue;
         };
-        let Ok(Some(t)) = templates.load(path) else {
+        let Ok(Some(t)) = templates.load(&path) else {
             // Reported by the template check.
             continue;
         };

@@ -1,5 +1,6 @@
 //! `kiwispray-hosts history [HOST]`: the event log, newest last, for one
 //! host (also a removed one, by its id) or all; `--json` for scripts.
+
 use super::display::event_line;
 use super::hosts::resolve;
 use super::{json_text, out, Ctx, Error, Exit, HistoryArgs, Result};

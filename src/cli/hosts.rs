@@ -6,10 +6,13 @@
 //! the store's lock (another writer may have changed the database in
 //! between), saved atomically and recorded in the event log.
 
-use super::{Error, Result};
+use super::{Confirm, Error, Result, Targets};
 use crate::hosts::{Database, Key, STATE_DISCOVER, STATE_FINISHED, STATE_NEW};
 use crate::identity::{canonical_uuid, Mac};
+use crate::select::Selector;
+use crate::store::Snapshot;
 use serde_json::{Map, Value};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
 /// The cause recorded for every change the CLI makes.
@@ -71,6 +74,83 @@ pub fn resolve(db: &Database, selector: &str) -> Result<u64> {
                 .join(", ")
         ))),
     }
+}
+
+/// The ids a command works on, in id order: its HOST arguments, each
+/// resolved, and the hosts its `--where` conditions select; with both, the
+/// named hosts that match. No host at all is an error.
+pub fn select(snap: &Snapshot, t: &Targets) -> Result<Vec<u64>> {
+    if t.hosts.is_empty() && t.wheres.is_empty() {
+        return Err(Error::usage("name the hosts: HOST... and/or --where EXPR"));
+    }
+    let selector = Selector::parse(&t.wheres).map_err(Error::usage)?;
+    let now = crate::runtime::now();
+    let mut ids: Vec<u64> = if t.hosts.is_empty() {
+        snap.ids().collect()
+    } else {
+        let mut ids = Vec::with_capacity(t.hosts.len());
+        for h in &t.hosts {
+            ids.push(resolve(snap, h)?);
+        }
+        ids
+    };
+    ids.sort_unstable();
+    ids.dedup();
+    if !selector.is_empty() {
+        ids.retain(|id| {
+            snap.get(*id)
+                .is_some_and(|h| selector.matches(&h, snap.runtime(*id), now))
+        });
+    }
+    if ids.is_empty() {
+        return Err(Error::not_found(format!(
+            "no host matches --where {selector}{}",
+            if t.hosts.is_empty() {
+                ""
+            } else {
+                " among the named hosts"
+            }
+        )));
+    }
+    Ok(ids)
+}
+
+/// A change to more than one host needs `--yes`, or a "y" on a terminal.
+pub fn confirm(c: &Confirm, what: &str, ids: &[u64]) -> Result<()> {
+    if ids.len() <= 1 || c.yes || c.dry_run {
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(Error::usage(format!(
+            "this would {what} {} hosts: add --yes to go ahead (or --dry-run to see them)",
+            ids.len()
+        )));
+    }
+    eprint!("kiwispray-hosts: {what} {} hosts? [y/N] ", ids.len());
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    let _ = stdin.lock().read_line(&mut answer);
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        Ok(())
+    } else {
+        Err(Error::usage("not confirmed; nothing changed"))
+    }
+}
+
+/// Several reasons as one error line: "host 3: …; host 9: …".
+pub fn all_or_nothing(reasons: Vec<String>) -> Error {
+    let n = reasons.len();
+    let shown: Vec<String> = reasons.into_iter().take(20).collect();
+    let more = if n > shown.len() {
+        format!("; and {} more", n - shown.len())
+    } else {
+        String::new()
+    };
+    Error::usage(format!(
+        "{n} host(s) cannot take the change, so nothing was changed: {}{more}",
+        shown.join("; ")
+    ))
 }
 
 pub fn short(s: &str) -> String {

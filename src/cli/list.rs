@@ -1,11 +1,13 @@
 //! `kiwispray-hosts list`: the hosts as a table (id, hostname, state,
 //! STATUS, serial, MACs; `-v` adds UUID, last seen and metadata) or as JSON,
-//! filtered by current state, held or overdue. Reads only.
+//! filtered by current state, held, overdue or `--where`. Reads only.
+
 use super::display::{cell, host_json, seen_text, status, table};
-use super::{json_text, out, Ctx, Exit, ListArgs, Result};
+use super::{json_text, out, Ctx, Error, Exit, ListArgs, Result};
 use crate::hosts::Host;
 use crate::lifecycle;
 use crate::runtime;
+use crate::select::Selector;
 use serde_json::Value;
 
 pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<Exit> {
@@ -16,8 +18,10 @@ pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<Exit> {
         Some("overdue") => (a.held, true, None),
         s => (a.held, a.overdue, s),
     };
+    let selector = Selector::parse(&a.wheres).map_err(Error::usage)?;
     let hosts: Vec<Host> = snap
         .hosts()
+        .filter(|h| selector.matches(h, snap.runtime(h.id), now))
         .filter(|h| state.is_none_or(|s| h.current_state() == s))
         .filter(|h| !held || snap.runtime(h.id).hold.is_some())
         .filter(|h| !overdue || lifecycle::overdue_attempt(h, snap.runtime(h.id), now).is_some())

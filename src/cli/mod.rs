@@ -16,11 +16,13 @@ pub mod check;
 pub mod display;
 mod history;
 pub mod hosts;
+mod import_inventory;
 mod list;
 pub mod man;
 pub mod preview;
 mod release;
 mod remove;
+mod rollout;
 mod set;
 mod show;
 
@@ -232,8 +234,11 @@ pub enum Cmd {
                       are any. Checks that the database parses, ids are unique and no MAC, \
                       serial or UUID belongs to two hosts; every state in use has its image or \
                       template; every template parses; every image directory has the installer \
-                      kernel, initrd, image and checksum its host.tmpl refers to; and, with \
-                      --deep, that every image matches its checksum.\n\n\
+                      kernel, initrd, image and checksum its host.tmpl refers to; that every \
+                      host's installdevice metadata is a device path; that no host is in the \
+                      state of an attended image (one whose installer asks before it writes \
+                      the disk) without an install disk; and, with --deep, that every image \
+                      matches its checksum.\n\n\
                       Held hosts and installs past their deadline are problems too: each is \
                       named with its cause or how long it has been installing, and a newly \
                       overdue install is recorded in the event log (once)."
@@ -249,7 +254,14 @@ pub enum Cmd {
                       <P>.config.bootoptions. The uncompressed image is checked against the \
                       checksum file (digest and size). The import is built in a hidden \
                       directory and moved into place at the end, so a failed import leaves \
-                      nothing behind."
+                      nothing behind.\n\n\
+                      The installer initrd's /.profile is read (xz, gzip, zstd, bzip2 or lz4 \
+                      compressed cpio, early microcode allowed): without \
+                      kiwi_oemunattended='true' (KIWI's <oem-unattended>) the installer asks \
+                      before it writes the disk, and the import warns. What it found is kept \
+                      in images/<NAME>/image.json for check. The generated host.tmpl passes \
+                      rd.kiwi.oem.installdevice=<disk> to hosts whose metadata has \
+                      installdevice (e.g. /dev/disk/by-id/...), which also skips the question."
     )]
     ImportImage(ImportImageArgs),
     /// Import a live ISO as images/<NAME>/ (needs xorriso).
@@ -260,6 +272,56 @@ pub enum Cmd {
                       Needs xorriso."
     )]
     ImportLiveIso(ImportLiveIsoArgs),
+    /// Install the hosts a selector names in waves, stopping on failures.
+    #[command(
+        long_about = "Install the hosts --where selects in waves of --batch: each wave's \
+                      states are set in one commit, then the command waits until every host of \
+                      the wave has finished, failed (is held) or gone overdue, and starts the \
+                      next. It stops once --max-failures hosts have failed, leaving the hosts \
+                      not started untouched. Interrupted and run again (without --where, \
+                      --state and --batch), it resumes where it stopped; rollout --status shows \
+                      where it stands, rollout --cancel forgets it. Exit status 1 when it \
+                      stopped on failures or ended with failed hosts."
+    )]
+    Rollout(RolloutArgs),
+    /// Add and update hosts from a vendor's inventory (CSV or JSON).
+    #[command(
+        long_about = "Add and update hosts from an inventory file: CSV with a header row, or a \
+                      JSON array of objects. Columns: mac (one or more, separated by ';'), serial, \
+                      uuid, hostname, state, bmc and metadata.<path>. Each row is matched to an \
+                      existing host by any of its MACs, its serial or its UUID and updates it; \
+                      the other rows are added. The report lists added, updated, unchanged and \
+                      refused rows with their line numbers and reasons. Any refused row (a key \
+                      that belongs to another host, a bad MAC, an unknown state, a row that \
+                      repeats another) writes nothing, unless --skip-bad. All the changes are \
+                      one commit."
+    )]
+    ImportInventory(ImportInventoryArgs),
+}
+
+/// The hosts a command works on: HOST arguments, `--where` conditions, or
+/// both (then the named hosts that match).
+#[derive(Args, Debug, Clone, Default)]
+pub struct Targets {
+    /// The hosts: ids, MACs, serials or UUIDs.
+    #[arg(value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// Only hosts for which every condition holds, e.g. 'state=new
+    /// metadata.rack=R7', 'hostname=web*', 'id=100-199', 'held', 'overdue',
+    /// 'seen<1h' (see the man page). May be given more than once.
+    #[arg(long = "where", value_name = "EXPR")]
+    pub wheres: Vec<String>,
+}
+
+/// How a change to several hosts is confirmed.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Confirm {
+    /// Print the hosts and what would change; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Change more than one host without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 #[derive(Args, Debug)]
@@ -275,6 +337,9 @@ pub struct ListArgs {
     /// Only held hosts.
     #[arg(long)]
     pub held: bool,
+    /// Only hosts for which every condition holds (see `set --where`).
+    #[arg(long = "where", value_name = "EXPR")]
+    pub wheres: Vec<String>,
     /// Only hosts whose install is overdue.
     #[arg(long)]
     pub overdue: bool,
@@ -322,8 +387,10 @@ pub struct AddArgs {
 
 #[derive(Args, Debug)]
 pub struct SetArgs {
-    /// The host: id, MAC, serial or UUID.
-    pub host: String,
+    #[command(flatten)]
+    pub targets: Targets,
+    #[command(flatten)]
+    pub confirm: Confirm,
     /// New state or state chain, e.g. image1 or wipe,image1. Each element
     /// must be new, discover, finished, or have images/<S>/ or
     /// templates/<S>.tmpl. A new state ends an install in progress (its
@@ -351,21 +418,24 @@ pub struct SetArgs {
 
 #[derive(Args, Debug)]
 pub struct RemoveArgs {
-    /// The host: id, MAC, serial or UUID.
-    pub host: String,
+    #[command(flatten)]
+    pub targets: Targets,
+    #[command(flatten)]
+    pub confirm: Confirm,
 }
 
 #[derive(Args, Debug)]
 pub struct ReleaseArgs {
-    /// The hosts: ids, MACs, serials or UUIDs.
-    #[arg(required = true)]
-    pub hosts: Vec<String>,
+    #[command(flatten)]
+    pub targets: Targets,
+    #[command(flatten)]
+    pub confirm: Confirm,
 }
 
 #[derive(Args, Debug)]
 pub struct RenderArgs {
-    /// The host: id, MAC, serial or UUID.
-    pub host: String,
+    #[command(flatten)]
+    pub targets: Targets,
     /// Render the post-install script instead of the boot script.
     #[arg(long)]
     pub post_install: bool,
@@ -411,6 +481,53 @@ pub struct ImportImageArgs {
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub append: String,
     /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RolloutArgs {
+    /// Which hosts (see set --where); required to start a rollout.
+    #[arg(long = "where", value_name = "EXPR")]
+    pub wheres: Vec<String>,
+    /// The state (or chain) to install.
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
+    /// How many hosts per wave.
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+    /// Stop once this many hosts have failed (default: never).
+    #[arg(long, value_name = "K")]
+    pub max_failures: Option<usize>,
+    /// Seconds between looks at the database.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub poll: u64,
+    /// Show the rollout in progress and exit.
+    #[arg(long)]
+    pub status: bool,
+    /// Forget the rollout in progress (hosts are left as they are).
+    #[arg(long)]
+    pub cancel: bool,
+    /// Start without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// With --status, print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportInventoryArgs {
+    /// The inventory: *.csv, or *.json (else detected from its first
+    /// character).
+    pub file: PathBuf,
+    /// Print what would be added and updated; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Import the good rows even if some are refused.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -577,6 +694,8 @@ fn dispatch(cli: Cli) -> Result<Exit> {
         Cmd::Check(a) => check::check(&ctx, &a),
         Cmd::ImportImage(a) => import_image(&ctx, &a),
         Cmd::ImportLiveIso(a) => import_live_iso(&ctx, &a),
+        Cmd::ImportInventory(a) => import_inventory::import_inventory(&ctx, &a),
+        Cmd::Rollout(a) => rollout::rollout(&ctx, &a),
     }
 }
 
@@ -598,6 +717,7 @@ fn compat_command(
             state: None,
             held: false,
             overdue: false,
+            wheres: Vec::new(),
             json: false,
         })),
         (3.., None) => Err(Error::usage("-l may be given at most twice (-ll)")),
@@ -610,7 +730,11 @@ fn compat_command(
             json: false,
         })),
         (0, Some(host)) => Ok(Cmd::Set(SetArgs {
-            host,
+            targets: Targets {
+                hosts: vec![host],
+                wheres: Vec::new(),
+            },
+            confirm: Confirm::default(),
             state,
             hostname,
             meta,
@@ -630,6 +754,8 @@ fn imported_text(i: &crate::images::Imported, json: bool) -> String {
             "kind": i.kind,
             "files": i.files,
             "replaced": i.replaced,
+            "unattended": i.unattended,
+            "warnings": i.warnings,
         }));
     }
     format!(
@@ -652,6 +778,9 @@ fn import_image(ctx: &Ctx, a: &ImportImageArgs) -> Result<Exit> {
         a.force,
         ctx.progress,
     )?;
+    for w in &done.warnings {
+        eprintln!("kiwispray-hosts: warning: {w}");
+    }
     out(&imported_text(&done, a.json))?;
     Ok(Exit::Ok)
 }

@@ -4,7 +4,7 @@
 //! `@SERVER_PORT@` come from `--server`, the settings, or this machine's
 //! first global address and port 5000.
 
-use super::{hosts::resolve, out, Ctx, Error, Exit, RenderArgs, Result};
+use super::{hosts::select, out, Ctx, Error, Exit, RenderArgs, Result};
 use crate::api::{Response, Service};
 use crate::lifecycle;
 use std::process::{Command, Stdio};
@@ -79,28 +79,36 @@ pub fn server(ctx: &Ctx, given: Option<&str>) -> Result<(String, String)> {
 pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
     let (ip, port) = server(ctx, a.server.as_deref())?;
     let service = Service::new(ctx.config.clone());
-    let db = service.store.snapshot()?;
-    let id = resolve(&db, &a.host)?;
-    let host = db.get(id).expect("resolved");
-    let rt = db.runtime(id);
-    let response = if a.post_install {
-        let response = match service.preview_post_install(&host, rt, &ip, &port) {
-            Ok(r) => r,
-            Err(r) if r.status == 404 => return Err(Error::not_found(body(&r))),
-            Err(r) => return Err(Error::usage(format!("host {id}: {}", body(&r)))),
+    let snap = service.store.snapshot()?;
+    let ids = select(&snap, &a.targets)?;
+    let many = ids.len() > 1;
+    let mut text = String::new();
+    for id in ids {
+        let host = snap.get(id).expect("selected");
+        let rt = snap.runtime(id);
+        let response = if a.post_install {
+            let response = match service.preview_post_install(&host, rt, &ip, &port) {
+                Ok(r) => r,
+                Err(r) if r.status == 404 => return Err(Error::not_found(body(&r))),
+                Err(r) => return Err(Error::usage(format!("host {id}: {}", body(&r)))),
+            };
+            if !lifecycle::installing(&host, rt) {
+                eprintln!(
+                    "kiwispray-hosts: note: host {id} is not being installed (state {:?}, no active bootid); \
+                     /post-install would refuse it now (409); this is what it gets once it is",
+                    host.state
+                );
+            }
+            response
+        } else {
+            service.preview_boot(&host, rt, &ip, &port)
         };
-        if !lifecycle::installing(&host, rt) {
-            eprintln!(
-                "kiwispray-hosts: note: host {id} is not being installed (state {:?}, no active bootid); \
-                 /post-install would refuse it now (409); this is what it gets once it is",
-                host.state
-            );
+        if many {
+            text.push_str(&format!("==> host {id} ({}) <==\n", host.hostname));
         }
-        response
-    } else {
-        service.preview_boot(&host, rt, &ip, &port)
-    };
-    out(&String::from_utf8_lossy(&response.body))?;
+        text.push_str(&String::from_utf8_lossy(&response.body));
+    }
+    out(&text)?;
     Ok(Exit::Ok)
 }
 

@@ -1,22 +1,34 @@
-//! `kiwispray-hosts release HOST...`: clears the hold of held hosts, in one
-//! commit, so that their next boot installs again and the loop count starts
+//! `kiwispray-hosts release HOST... [--where EXPR]`: clears the hold of held
+//! hosts, in one commit, so that their next boot installs again and the loop count starts
 //! anew. A host that is not held is reported and left as it is.
-use super::hosts::resolve;
+
+use super::hosts::{confirm, select};
 use super::{out, Ctx, Error, Exit, ReleaseArgs, Result};
 use crate::events::Event;
 use crate::runtime;
 
 pub fn release(ctx: &Ctx, a: &ReleaseArgs) -> Result<Exit> {
     let store = ctx.store();
-    let db = store.snapshot()?;
-    let mut ids = Vec::new();
-    for sel in &a.hosts {
-        let id = resolve(&db, sel)?;
-        if !ids.contains(&id) {
-            ids.push(id);
+    let snap = store.snapshot()?;
+    let ids = select(&snap, &a.targets)?;
+    if a.confirm.dry_run {
+        let mut s = String::new();
+        for id in &ids {
+            match &snap.runtime(*id).hold {
+                Some(h) => s.push_str(&format!(
+                    "host {id}: would be released (held: {}: {})\n",
+                    h.cause.as_str(),
+                    h.reason
+                )),
+                None => s.push_str(&format!("host {id}: not held, nothing to do\n")),
+            }
         }
+        s.push_str("dry run: nothing was written\n");
+        out(&s)?;
+        return Ok(Exit::Ok);
     }
-    drop(db);
+    drop(snap);
+    confirm(&a.confirm, "release", &ids)?;
     let results =
         store.modify(move |txn| -> Result<Vec<(u64, Option<runtime::Hold>)>> {
             let mut results = Vec::new();

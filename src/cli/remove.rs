@@ -1,23 +1,58 @@
-//! `kiwispray-hosts remove HOST`: forgets a host and its runtime facts.
-use super::hosts::{resolve, CAUSE};
-use super::{out, Ctx, Error, Exit, RemoveArgs, Result};
+//! `kiwispray-hosts remove HOST... [--where EXPR]`: forgets hosts and their
+//! runtime facts, in one commit.
+
+use super::hosts::{all_or_nothing, confirm, select, CAUSE};
+use super::{out, Ctx, Exit, RemoveArgs, Result};
 use crate::events::Event;
 use crate::hosts::Host;
 
 pub fn remove(ctx: &Ctx, a: &RemoveArgs) -> Result<Exit> {
     let store = ctx.store();
-    let db = store.snapshot()?;
-    let id = resolve(&db, &a.host)?;
-    let removed = store.modify(move |txn| -> Result<Host> {
-        let h = txn
-            .remove_host(id)
-            .ok_or_else(|| Error::not_found(format!("host {id} was removed meanwhile")))?;
-        txn.record(Event::now(id, &h.state, "", CAUSE, ""));
-        Ok(h)
+    let snap = store.snapshot()?;
+    let ids = select(&snap, &a.targets)?;
+    if a.confirm.dry_run {
+        let mut s = String::new();
+        for id in &ids {
+            let h = snap.get(*id).expect("selected");
+            s.push_str(&format!(
+                "host {id} ({}, {}): would be removed\n",
+                h.hostname, h.macs
+            ));
+        }
+        s.push_str(&format!(
+            "dry run: {} host(s) would be removed; nothing was written\n",
+            ids.len()
+        ));
+        out(&s)?;
+        return Ok(Exit::Ok);
+    }
+    drop(snap);
+    confirm(&a.confirm, "remove", &ids)?;
+    let removed = store.modify(move |txn| -> Result<Vec<Host>> {
+        let mut removed = Vec::new();
+        let mut reasons = Vec::new();
+        for id in ids {
+            match txn.remove_host(id) {
+                Some(h) => {
+                    txn.record(Event::now(id, &h.state, "", CAUSE, ""));
+                    removed.push(h);
+                }
+                None => reasons.push(format!("host {id} was removed meanwhile")),
+            }
+        }
+        if !reasons.is_empty() {
+            txn.abort();
+            return Err(all_or_nothing(reasons));
+        }
+        Ok(removed)
     })??;
-    out(&format!(
-        "removed host {} ({}, {})\n",
-        removed.id, removed.hostname, removed.macs
-    ))?;
+    let mut s = String::new();
+    for h in &removed {
+        s.push_str(&format!(
+            "removed host {} ({}, {})\n",
+            h.id, h.hostname, h.macs
+        ));
+    }
+    out(&s)?;
     Ok(Exit::Ok)
 }

@@ -1,9 +1,11 @@
-//! `kiwispray-hosts set HOST`: changes a host's state chain, hostname or
-//! metadata. A new state ends an install in progress (its bootid is used
+//! `kiwispray-hosts set HOST... [--where EXPR]`: changes the state chain,
+//! hostname or metadata of one host or many, in one locked, atomic commit
+//! with one event per host: all or nothing. A new state ends an install in progress (its bootid is used
 //! up) and starts the loop count anew; a hold stays until `release`.
+
 use super::hosts::{
-    check_hostname, check_states, parse_meta_set, parse_object, resolve, set_path, split_key,
-    unset_path, CAUSE,
+    all_or_nothing, check_hostname, check_states, confirm, parse_meta_set, parse_object, select,
+    set_path, split_key, unset_path, CAUSE,
 };
 use super::{json_text, out, Ctx, Error, Exit, Result, SetArgs};
 use crate::events::Event;
@@ -92,54 +94,135 @@ pub fn set(ctx: &Ctx, a: &SetArgs) -> Result<Exit> {
         unsets,
     };
     let store = ctx.store();
-    let db = store.snapshot()?;
-    let id = resolve(&db, &a.host)?;
-    // Try the edit on the current copy first, so that errors are reported
-    // without taking the lock.
-    let mut trial = db.get(id).expect("resolved");
-    edit.apply(&mut trial).map_err(Error::usage)?;
-    let host = store.modify(move |txn| -> Result<Host> {
-        let before = txn
-            .db
-            .get(id)
-            .ok_or_else(|| Error::not_found(format!("host {id} was removed meanwhile")))?;
-        let mut failed = None;
-        txn.db.update(id, |h| {
-            if let Err(e) = edit.apply(h) {
-                failed = Some(e);
-                *h = before.clone();
-            }
-        });
-        if let Some(e) = failed {
-            return Err(Error::usage(e));
+    let snap = store.snapshot()?;
+    let ids = select(&snap, &a.targets)?;
+    // Try the edit on the current copies first, so that errors are reported
+    // without taking the lock, and a dry run shows what would change.
+    let mut reasons = Vec::new();
+    let mut plan = Vec::new();
+    for id in &ids {
+        let before = snap.get(*id).expect("selected");
+        let mut after = before.clone();
+        match edit.apply(&mut after) {
+            Ok(()) => plan.push((before, after)),
+            Err(e) => reasons.push(format!("host {id}: {e}")),
         }
-        let after = txn.db.get(id).expect("exists");
-        if after.state != before.state {
-            // A new intent: the installer of the old state may no longer
-            // report, and the loop count starts anew. A hold stays.
-            let now = runtime::now();
-            txn.update_runtime(id, |rt| {
-                rt.abandon_open(now, Some("state changed by an operator".into()));
-                rt.reset_count();
+    }
+    drop(snap);
+    if !reasons.is_empty() {
+        return Err(all_or_nothing(reasons));
+    }
+    if a.confirm.dry_run {
+        let mut s = String::new();
+        for (before, after) in &plan {
+            s.push_str(&format!(
+                "host {} ({}): {}\n",
+                before.id,
+                before.hostname,
+                describe(before, after)
+            ));
+        }
+        s.push_str(&format!(
+            "dry run: {} host(s) would change; nothing was written\n",
+            plan.iter().filter(|(b, a)| b != a).count()
+        ));
+        out(&s)?;
+        return Ok(Exit::Ok);
+    }
+    confirm(&a.confirm, "change", &ids)?;
+    let hosts = store.modify(move |txn| -> Result<Vec<Host>> {
+        let now = runtime::now();
+        let mut reasons = Vec::new();
+        let mut changed = Vec::new();
+        for id in ids {
+            let Some(before) = txn.db.get(id) else {
+                reasons.push(format!("host {id} was removed meanwhile"));
+                continue;
+            };
+            let mut failed = None;
+            txn.db.update(id, |h| {
+                if let Err(e) = edit.apply(h) {
+                    failed = Some(e);
+                    *h = before.clone();
+                }
             });
+            if let Some(e) = failed {
+                reasons.push(format!("host {id}: {e}"));
+                continue;
+            }
+            let after = txn.db.get(id).expect("exists");
+            if after.state != before.state {
+                // A new intent: the installer of the old state may no
+                // longer report, and the loop count starts anew. A hold
+                // stays.
+                txn.update_runtime(id, |rt| {
+                    rt.abandon_open(now, Some("state changed by an operator".into()));
+                    rt.reset_count();
+                });
+                if txn.runtime(id).hold.is_some() {
+                    eprintln!(
+                        "kiwispray-hosts: note: host {id} is held; it installs nothing until: kiwispray-hosts release {id}"
+                    );
+                }
+            }
+            if after != before {
+                txn.record(Event::now(id, &before.state, &after.state, CAUSE, ""));
+            }
+            changed.push(after);
         }
-        if after != before {
-            txn.record(Event::now(id, &before.state, &after.state, CAUSE, ""));
+        if !reasons.is_empty() {
+            // All or nothing: a host that cannot take the change stops the
+            // whole command.
+            txn.abort();
+            return Err(all_or_nothing(reasons));
         }
-        if after.state != before.state && txn.runtime(id).hold.is_some() {
-            eprintln!(
-                "kiwispray-hosts: note: host {id} is held; it installs nothing until: kiwispray-hosts release {id}"
-            );
-        }
-        Ok(after)
+        Ok(changed)
     })??;
     if a.json {
-        out(&json_text(&host.to_value()))?;
+        let v: Vec<Value> = hosts.iter().map(Host::to_value).collect();
+        out(&json_text(&if v.len() == 1 {
+            v[0].clone()
+        } else {
+            Value::Array(v)
+        }))?;
     } else {
-        out(&format!(
-            "host {}: hostname {}, state {}\n",
-            host.id, host.hostname, host.state
-        ))?;
+        let mut s = String::new();
+        for host in &hosts {
+            s.push_str(&format!(
+                "host {}: hostname {}, state {}\n",
+                host.id, host.hostname, host.state
+            ));
+        }
+        if hosts.len() > 1 {
+            s.push_str(&format!("{} hosts changed in one commit\n", hosts.len()));
+        }
+        out(&s)?;
     }
     Ok(Exit::Ok)
+}
+
+/// What an edit changes of a host, for `--dry-run`.
+fn describe(before: &Host, after: &Host) -> String {
+    let mut parts = Vec::new();
+    if before.state != after.state {
+        parts.push(format!("state {} -> {}", before.state, after.state));
+    }
+    if before.hostname != after.hostname {
+        parts.push(format!(
+            "hostname {} -> {}",
+            before.hostname, after.hostname
+        ));
+    }
+    if before.metadata != after.metadata {
+        parts.push(format!(
+            "metadata {} -> {}",
+            Value::Object(before.metadata.clone()),
+            Value::Object(after.metadata.clone())
+        ));
+    }
+    if parts.is_empty() {
+        "unchanged".into()
+    } else {
+        parts.join(", ")
+    }
 }

@@ -1,6 +1,7 @@
 //! `kiwispray-hosts show HOST`: every field of one host, its next boot,
 //! its hold, its install attempts, when it was last seen, its metadata and
 //! its recent events; `--json` for scripts (never the bootid). Reads only.
+
 use super::display::{cell, event_line, host_json, seen_text, status, tree};
 use super::hosts::resolve;
 use super::{json_text, out, Ctx, Error, Exit, Result, ShowArgs};

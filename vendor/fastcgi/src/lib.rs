@@ -52,10 +52,11 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{self, BufRead, IoSlice, Read, Write};
 use std::net::TcpListener;
+use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,11 @@ const RECORDS_PER_WRITE: usize = 16;
 /// Largest number of buffers passed to one `write_vectored` call.
 const MAX_WRITE_PARTS: usize = 3 * RECORDS_PER_WRITE;
 
+/// Longest wait for a free slot of the connection first in line before
+/// the waiting connections get the overload response. A request takes the
+/// handler well under a millisecond, so this is only reached when it is
+/// stuck or far behind.
+const ADMIT_WAIT: Duration = Duration::from_secs(1);
 /// Threads that answer connections refused for lack of a free slot.
 const SHED_THREADS: usize = 2;
 /// Refused connections waiting for a shedding thread; beyond that they are
@@ -124,10 +130,13 @@ pub enum Role {
 /// Resource limits for [`run_raw_with`] and [`run_tcp_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest number of connections served at the same time, each by its
-    /// own thread (idle keep-alive connections count). Further connections
-    /// are answered with `overload_response` and closed. Values below 1 are
-    /// treated as 1. Also reported as `FCGI_MAX_CONNS` and `FCGI_MAX_REQS`.
+    /// Largest number of connections served at the same time, each by a
+    /// thread of its own while it lasts (idle keep-alive connections
+    /// count); also the most connection threads ever started. Further
+    /// connections wait for a free one; when none is freed for a second
+    /// they are answered with `overload_response` and closed. Values below
+    /// 1 are treated as 1. Also reported as `FCGI_MAX_CONNS` and
+    /// `FCGI_MAX_REQS`.
     pub max_connections: usize,
     /// Raw CGI response (header lines, blank line, body) sent as the STDOUT
     /// stream of a request that is refused because all slots are busy.
@@ -1073,14 +1082,19 @@ fn shed_connection(sock: Socket, cfg: &Config) -> io::Result<()> {
     Err(invalid("no FastCGI BEGIN_REQUEST on refused connection"))
 }
 
-/// Starts the shedding threads; returns the queue feeding them.
-fn start_shedders(cfg: &Arc<Config>) -> Option<SyncSender<Socket>> {
+/// Starts the shedding threads; returns the queue feeding them. Before a
+/// queued connection is refused, a shedding thread offers it to the pool
+/// again, so a slot freed in the meantime serves it.
+fn start_shedders<F>(pool: &Arc<Pool<F>>) -> Option<SyncSender<Socket>>
+where
+    F: Fn(Request) + Send + Sync + 'static,
+{
     let (tx, rx) = mpsc::sync_channel::<Socket>(SHED_QUEUE);
     let rx = Arc::new(Mutex::new(rx));
     let mut started = 0;
     for _ in 0..SHED_THREADS {
         let rx = rx.clone();
-        let cfg = cfg.clone();
+        let pool = pool.clone();
         let spawned = thread::Builder::new()
             .name("fastcgi-shed".to_owned())
             .spawn(move || loop {
@@ -1089,9 +1103,13 @@ fn start_shedders(cfg: &Arc<Config>) -> Option<SyncSender<Socket>> {
                     Err(_) => return,
                 };
                 match next {
-                    // Failures are not logged: under overload they would
-                    // flood the log.
-                    Ok(sock) => drop(shed_connection(sock, &cfg)),
+                    Ok(sock) => {
+                        if let Err(sock) = pool.dispatch(sock) {
+                            // Failures are not logged: under overload they
+                            // would flood the log.
+                            drop(shed_connection(sock, &pool.cfg));
+                        }
+                    }
                     Err(_) => return,
                 }
             });
@@ -1107,13 +1125,33 @@ fn start_shedders(cfg: &Arc<Config>) -> Option<SyncSender<Socket>> {
     }
 }
 
+/// The connection slots of an accept loop: how many are in use, and a
+/// signal for a thread waiting for one to be freed.
+#[derive(Default)]
+struct Slots {
+    used: AtomicUsize,
+    lock: Mutex<()>,
+    freed: Condvar,
+}
+
+impl Slots {
+    /// Waits until a slot may have been freed, or `timeout` passes.
+    fn wait(&self, timeout: Duration) {
+        let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // A slot freed between the caller's check and this wait is seen at
+        // most `timeout` later, so short timeouts keep that cheap.
+        drop(self.freed.wait_timeout(guard, timeout));
+    }
+}
+
 /// One busy connection slot; released on drop, also when the connection
 /// thread unwinds.
-struct Slot(Arc<AtomicUsize>);
+struct Slot(Arc<Slots>);
 
 impl Slot {
-    fn acquire(counter: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
-        counter
+    fn acquire(slots: &Arc<Slots>, max: usize) -> Option<Slot> {
+        slots
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 if n < max {
                     Some(n + 1)
@@ -1122,13 +1160,150 @@ impl Slot {
                 }
             })
             .ok()
-            .map(|_| Slot(counter.clone()))
+            .map(|_| Slot(slots.clone()))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// A connection handed to a connection thread, with the slot it holds.
+type Job = (Socket, Slot);
+
+/// The connection threads of a bounded accept loop. They are started on
+/// demand, one per slot in use, up to `max` in all, and then kept: a thread
+/// takes the next connection when it is done with one, so the process
+/// never has more than `max` connection threads, however fast connections
+/// come and go. (A thread per connection freed its slot just before the
+/// thread ended, so for a moment there could be more threads than slots.)
+struct Pool<F> {
+    handler: Arc<F>,
+    cfg: Arc<Config>,
+    max: usize,
+    /// Slots in use: connections queued for a thread or being served.
+    active: Arc<Slots>,
+    /// Connection threads started (never more than `max`).
+    workers: AtomicUsize,
+    jobs: SyncSender<Job>,
+    queue: Mutex<mpsc::Receiver<Job>>,
+    spawn_log: Mutex<RateLimitedLog>,
+}
+
+impl<F> Pool<F>
+where
+    F: Fn(Request) + Send + Sync + 'static,
+{
+    fn new(handler: Arc<F>, cfg: Arc<Config>, max: usize) -> Arc<Self> {
+        // A job holds a slot, so there are never more than `max` queued.
+        let (jobs, queue) = mpsc::sync_channel(max);
+        Arc::new(Pool {
+            handler,
+            cfg,
+            max,
+            active: Arc::new(Slots::default()),
+            workers: AtomicUsize::new(0),
+            jobs,
+            queue: Mutex::new(queue),
+            spawn_log: Mutex::new(RateLimitedLog::default()),
+        })
+    }
+
+    /// Hands `sock` to a connection thread if a slot is free; gives it
+    /// back otherwise.
+    fn dispatch(self: &Arc<Self>, sock: Socket) -> Result<(), Socket> {
+        let slot = match Slot::acquire(&self.active, self.max) {
+            Some(slot) => slot,
+            None => return Err(sock),
+        };
+        // Every slot in use needs a thread: queued jobs never wait for a
+        // thread that is busy with another connection.
+        if !self.ensure_workers(self.active.used.load(Ordering::Acquire).min(self.max)) {
+            // No thread at all: close it (without draining) and free the slot.
+            drop((sock, slot));
+            thread::sleep(Duration::from_millis(50));
+            return Ok(());
+        }
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
+            self.jobs.try_send((sock, slot))
+        {
+            drop(job);
+        }
+        Ok(())
+    }
+
+    /// Hands `sock` to a connection thread as soon as a slot is free,
+    /// waiting at most `wait`; gives it back if none was.
+    fn wait_for_slot(self: &Arc<Self>, mut sock: Socket, wait: Duration) -> Result<(), Socket> {
+        let deadline = Instant::now() + wait;
+        loop {
+            sock = match self.dispatch(sock) {
+                Ok(()) => return Ok(()),
+                Err(sock) => sock,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(sock);
+            }
+            self.active
+                .wait((deadline - now).min(Duration::from_millis(5)));
+        }
+    }
+
+    /// Starts threads until there are at least `wanted`. False if there is
+    /// none and none can be started.
+    fn ensure_workers(self: &Arc<Self>, wanted: usize) -> bool {
+        loop {
+            let have = self.workers.load(Ordering::Acquire);
+            if have >= wanted {
+                return true;
+            }
+            if self
+                .workers
+                .compare_exchange(have, have + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            let pool = self.clone();
+            let spawned = thread::Builder::new()
+                .name("fastcgi-conn".to_owned())
+                .spawn(move || pool.work());
+            if let Err(e) = spawned {
+                self.workers.fetch_sub(1, Ordering::AcqRel);
+                if let Ok(mut l) = self.spawn_log.lock() {
+                    l.log(format_args!("cannot start connection thread: {e}"));
+                }
+                return have > 0;
+            }
+        }
+    }
+
+    /// A connection thread: serves one connection after the other.
+    fn work(&self) {
+        loop {
+            let job = match self.queue.lock() {
+                Ok(queue) => queue.recv(),
+                Err(poisoned) => poisoned.into_inner().recv(),
+            };
+            let Ok((mut sock, slot)) = job else { return };
+            sock.set_drain(true);
+            // A panicking handler ends its connection, not the thread, so
+            // that the thread count stays equal to the slots it serves.
+            let served = panic::catch_unwind(AssertUnwindSafe(|| {
+                serve_connection(sock, &*self.handler, &self.cfg)
+            }));
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log(format_args!("connection closed: {e}")),
+                Err(_) => log(format_args!("connection closed: the handler panicked")),
+            }
+            // The socket is closed (and drained) before the slot is freed.
+            drop(slot);
+        }
     }
 }
 
@@ -1156,16 +1331,16 @@ where
     F: Fn(Request) + Send + Sync + 'static,
 {
     let addrs = web_server_addrs();
-    let handler = Arc::new(handler);
     let cfg = Arc::new(cfg);
-    let active = Arc::new(AtomicUsize::new(0));
-    let shed_queue = match cfg.max_connections {
-        Some(_) => start_shedders(&cfg),
-        None => None,
-    };
+    let max = cfg.max_connections;
+    // Unbounded (the historical entry points): a thread per connection.
+    let unbounded = Arc::new(handler);
+    let pool = max.map(|max| Pool::new(unbounded.clone(), cfg.clone(), max));
+    let shed_queue = pool.as_ref().and_then(start_shedders);
     let mut accept_log = RateLimitedLog::default();
     let mut spawn_log = RateLimitedLog::default();
     let mut overload_log = RateLimitedLog::default();
+    let mut shedding = false;
     loop {
         let mut sock = match transport.accept() {
             Ok(sock) => sock,
@@ -1192,33 +1367,51 @@ where
                 continue;
             }
         }
-        let slot = match cfg.max_connections {
-            None => None,
-            Some(max) => match Slot::acquire(&active, max) {
-                Some(slot) => Some(slot),
-                None => {
-                    overload_log.log(format_args!(
-                        "all {max} connections busy, answering with the overload response"
-                    ));
-                    if let Some(ref queue) = shed_queue {
-                        sock.set_drain(true);
-                        if let Err(
-                            TrySendError::Full(mut sock) | TrySendError::Disconnected(mut sock),
-                        ) = queue.try_send(sock)
-                        {
-                            sock.set_drain(false);
-                        }
-                    }
+        if let Some(ref pool) = pool {
+            let sock = match pool.dispatch(sock) {
+                Ok(()) => {
+                    shedding = false;
                     continue;
                 }
-            },
-        };
-        let handler = handler.clone();
+                Err(sock) => sock,
+            };
+            // All slots are busy. The connection waits for one, and further
+            // connections wait in the listen backlog, first come first
+            // served, as long as slots are freed now and then: the
+            // connection at the head waits at most ADMIT_WAIT. Beyond that
+            // the handler is stuck or overrun: the waiting connections are
+            // answered with the overload response, as fast as they come,
+            // until a slot is free again.
+            let sock = if shedding {
+                Err(sock)
+            } else {
+                pool.wait_for_slot(sock, ADMIT_WAIT)
+            };
+            if let Err(mut sock) = sock {
+                shedding = true;
+                overload_log.log(format_args!(
+                    "all {} connections busy, answering with the overload response",
+                    pool.max
+                ));
+                if let Some(ref queue) = shed_queue {
+                    // Every refused connection gets the overload response:
+                    // when the shedding threads are behind, the accept loop
+                    // waits for them and further connections wait in the
+                    // listen backlog, instead of being closed unanswered
+                    // (which a web server reports as 502).
+                    sock.set_drain(true);
+                    if let Err(mpsc::SendError(mut sock)) = queue.send(sock) {
+                        sock.set_drain(false);
+                    }
+                }
+            }
+            continue;
+        }
+        let handler = unbounded.clone();
         let thread_cfg = cfg.clone();
         let spawned = thread::Builder::new()
             .name("fastcgi-conn".to_owned())
             .spawn(move || {
-                let _slot = slot;
                 let mut sock = sock;
                 sock.set_drain(true);
                 if let Err(e) = serve_connection(sock, &*handler, &thread_cfg) {
@@ -1262,12 +1455,16 @@ where
 #[cfg(unix)]
 /// Like `run_raw`, with bounded resources.
 ///
-/// At most `limits.max_connections` connections are served at once, each by
-/// its own thread. A connection accepted while all of them are busy gets no
-/// thread: a small fixed set of threads reads its BEGIN_REQUEST (giving up
-/// after about two seconds), answers with `limits.overload_response` as the
-/// STDOUT stream of that request, ends the request and closes the
-/// connection. The accept loop itself never waits on a peer.
+/// At most `limits.max_connections` connections are served at once, by as
+/// many threads at most, started on demand and then kept. When all of them
+/// are busy, the next connection waits for a free one, and further
+/// connections wait in the listen backlog, first come first served. Only
+/// when the connection first in line has waited a second do the waiting
+/// connections get no thread: a small fixed set of threads reads each one's
+/// BEGIN_REQUEST (giving up after about two seconds), answers with
+/// `limits.overload_response` as the STDOUT stream of that request, ends
+/// the request and closes the connection, until a slot is free again. The
+/// accept loop itself never reads from or writes to a peer.
 ///
 /// Available under Unix only.
 ///
@@ -1342,8 +1539,7 @@ where
 
 #[cfg(windows)]
 /// Accepts requests from a user-supplied TCP listener, with bounded
-/// resources: at most `limits.max_connections` connections are served at
-/// once; further ones are answered with `limits.overload_response`.
+/// resources as described for `run_raw_with`.
 pub fn run_tcp_with<F>(handler: F, listener: &TcpListener, limits: Limits)
 where
     F: Fn(Request) + Send + Sync + 'static,
@@ -1361,7 +1557,6 @@ mod tests {
     use std::net::{Shutdown, TcpStream};
     use std::os::unix::io::{AsRawFd, IntoRawFd};
     use std::os::unix::net::UnixStream;
-    use std::sync::Condvar;
     use std::thread::JoinHandle;
 
     const WAIT: Duration = Duration::from_secs(10);
@@ -1750,7 +1945,7 @@ mod tests {
 
     #[test]
     fn slot_is_released_when_connection_thread_panics() {
-        let counter = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::new(Slots::default());
         let slot = Slot::acquire(&counter, 1).unwrap();
         assert!(Slot::acquire(&counter, 1).is_none());
         let result = thread::spawn(move || {
@@ -1759,7 +1954,7 @@ mod tests {
         })
         .join();
         assert!(result.is_err());
-        assert_eq!(counter.load(Ordering::SeqCst), 0);
+        assert_eq!(counter.used.load(Ordering::SeqCst), 0);
         assert!(Slot::acquire(&counter, 1).is_some());
     }
 
@@ -1786,6 +1981,84 @@ mod tests {
         assert!(is_timeout(&err), "{err:?}");
         assert!(start.elapsed() < Duration::from_secs(5));
         drop(client);
+    }
+
+    #[test]
+    fn connection_threads_never_exceed_the_slots() {
+        // Many short connections, one after the other and at once: each
+        // is served, and there are never more threads than slots, however
+        // fast connections end and new ones come.
+        let cfg = Arc::new(Config::bounded(Limits {
+            max_connections: 3,
+            read_timeout: Some(WAIT),
+            ..Limits::default()
+        }));
+        let served = Arc::new(AtomicUsize::new(0));
+        let counter = served.clone();
+        let pool = Pool::new(
+            Arc::new(move |mut req: Request| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                req.stdout().write_all(b"Status: 200 OK\r\n\r\nok").unwrap();
+            }),
+            cfg,
+            3,
+        );
+        for _ in 0..200 {
+            let (mut client, server) = UnixStream::pair().unwrap();
+            client.set_read_timeout(Some(WAIT)).unwrap();
+            client.write_all(&request(1, false, &[])).unwrap();
+            let mut sock = Socket::from_raw_fd(server.into_raw_fd());
+            loop {
+                sock = match pool.dispatch(sock) {
+                    Ok(()) => break,
+                    Err(sock) => sock,
+                };
+                pool.active.wait(Duration::from_millis(5));
+            }
+            assert!(pool.workers.load(Ordering::SeqCst) <= 3);
+            let records = read_response(&mut client);
+            assert_eq!(stream_of(&records, STDOUT), b"Status: 200 OK\r\n\r\nok");
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 200);
+        assert_eq!(pool.workers.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_connection_waits_for_a_slot_freed_soon() {
+        // One slot, held by a handler for 300 ms: the next connection is
+        // served after it, not refused.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 1,
+            read_timeout: Some(WAIT),
+            ..Limits::default()
+        };
+        thread::spawn(move || {
+            let fd = listener.as_raw_fd();
+            run_raw_with(
+                |mut req| {
+                    thread::sleep(Duration::from_millis(300));
+                    req.stdout().write_all(b"Status: 200 OK\r\n\r\nok").unwrap();
+                },
+                fd,
+                limits,
+            );
+            drop(listener);
+        });
+        let conns: Vec<TcpStream> = (0..3)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                s.write_all(&request(1, false, &[])).unwrap();
+                s
+            })
+            .collect();
+        for mut s in conns {
+            let records = read_response(&mut s);
+            assert_eq!(stream_of(&records, STDOUT), b"Status: 200 OK\r\n\r\nok");
+            // Closed once answered, as a web server does.
+        }
     }
 
     #[test]
