@@ -18,6 +18,7 @@
 //!   that happen meanwhile show up without a reload; no request leaves for
 //!   another origin. With `KIWISPRAY_SCREENSHOTS=<dir>` it saves the
 //!   screenshots the README shows.
+//! - The README's scrape config and sample alerts pass `promtool check`.
 
 mod common;
 
@@ -1124,4 +1125,50 @@ fn metrics_add_up_across_cgi_processes_under_lighttpd_mod_cgi() {
         );
         std::panic::resume_unwind(e);
     }
+}
+
+/// The `yaml` blocks of the README's Metrics section, in order.
+fn readme_yaml_blocks() -> Vec<String> {
+    let readme = fs::read_to_string(common::repo().join("README.md")).unwrap();
+    let section = readme
+        .split("\n## Metrics\n")
+        .nth(1)
+        .expect("a Metrics section")
+        .split("\n## ")
+        .next()
+        .unwrap()
+        .to_string();
+    section
+        .split("```yaml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn readme_scrape_config_and_sample_alerts_pass_promtool() {
+    let blocks = readme_yaml_blocks();
+    assert_eq!(blocks.len(), 2, "a scrape config and the alert rules");
+    let dir = common::TempDir::new("promtool");
+    let config = dir.path().join("prometheus.yml");
+    let rules = dir.path().join("rules.yml");
+    fs::write(&config, &blocks[0]).unwrap();
+    fs::write(&rules, &blocks[1]).unwrap();
+    for (what, file) in [("config", &config), ("rules", &rules)] {
+        let out = Command::new("promtool")
+            .args(["check", what])
+            .arg(file)
+            .output()
+            .expect("promtool is installed");
+        assert!(
+            out.status.success(),
+            "promtool check {what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        blocks[1].contains("expr: kiwispray_installs_overdue > 0")
+            && blocks[1].contains("for: 10m")
+    );
 }
