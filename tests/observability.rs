@@ -595,7 +595,7 @@ impl Browser {
                          "--disable-dev-shm-usage", "--window-size=1320,760",
                          format!("--user-data-dir={dir}")]
             },
-            "goog:loggingPrefs": {"performance": "ALL"}
+            "goog:loggingPrefs": {"performance": "ALL", "browser": "ALL"}
         }}});
         let v = b.call("POST", "/session", Some(caps)).expect("new session");
         b.session = v["sessionId"].as_str().expect("a session id").to_string();
@@ -718,6 +718,18 @@ impl Browser {
                 let text = |v: &Value| v.as_str().unwrap_or("").to_string();
                 (text(&p["request"]["url"]), text(&p["documentURL"]))
             })
+            .collect()
+    }
+}
+
+impl Browser {
+    /// The page's console messages (errors include refused requests).
+    fn console(&self) -> Vec<String> {
+        let v = self.cmd("POST", "/se/log", json!({"type": "browser"}));
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap_or("").to_string())
             .collect()
     }
 }
@@ -953,6 +965,21 @@ fn fleet_page_in_chromium_with_10000_hosts_filters_opens_details_and_follows_ins
         })
         .collect();
     assert!(foreign.is_empty(), "requests to other origins: {foreign:?}");
+    // Nor did the page try one that its Content-Security-Policy (only its
+    // own origin) refused, or fail to load anything.
+    let console = browser.console();
+    let refused: Vec<&String> = console
+        .iter()
+        .filter(|m| {
+            m.contains("Content Security Policy")
+                || m.contains("Refused to")
+                || m.contains("Failed to load")
+        })
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the page tried other origins: {refused:?}"
+    );
     let resources = browser.js(
         "return performance.getEntriesByType('resource').map(e => e.name)\
          .filter(n => !n.startsWith(location.origin + '/'))",
