@@ -205,7 +205,15 @@ async function refresh() {
     drawSummary(summary);
     state.hosts = hosts.hosts.map(prepare);
     refilter();
-    if (state.selected !== null) await refreshDetail();
+    if (state.selected !== null) {
+      try {
+        await refreshDetail();
+      } catch (e) {
+        // The host may have been removed meanwhile: say so in the panel
+        // and keep the table refreshing.
+        $("detail-title").textContent = `Host ${state.selected}: ${e.message}`;
+      }
+    }
     $("status").className = "";
     $("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (e) {
