@@ -111,6 +111,13 @@ test: lint test-unit fuzz-smoke test-bench-smoke test-e2e
 bench: deps-bench build
 	./tests/bench/run.sh
 
+# Finished-host /bootstrap of this build against another build's
+# kiwispray-fcgi (BASE=dir holding it), measured in turns in one run.
+.PHONY: bench-compare
+bench-compare: deps-bench build
+	@[ -n "$(BASE)" ] || { echo "usage: make bench-compare BASE=/path/to/other/target/release" >&2; exit 2; }
+	./tests/bench/compare.sh $(BASE) $(or $(HOSTS),10000)
+
 # The man page, generated from the CLI definition; a test fails when the
 # committed page differs.
 man: deps-build

@@ -470,10 +470,18 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
                         .min(self.text.len());
                     let before = &self.text[..start];
                     let line0 = before.iter().filter(|b| **b == b'\n').count() + 1;
-                    let col0 = start - before.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                    let col0 = start
+                        - before
+                            .iter()
+                            .rposition(|b| *b == b'\n')
+                            .map_or(0, |i| i + 1);
                     *self.invalid = Some(ParseError {
                         line: line0 + e.line() - 1,
-                        column: if e.line() == 1 { col0 + e.column() } else { e.column() },
+                        column: if e.line() == 1 {
+                            col0 + e.column()
+                        } else {
+                            e.column()
+                        },
                         message: strip_position(&e.to_string()),
                     });
                     return Err(serde::de::Error::custom("not a host"));
@@ -717,6 +725,29 @@ impl Database {
     }
 }
 
+/// Sets a dotted path in a host's metadata, creating objects on the way;
+/// a value that is not an object in the way is an error.
+pub fn set_path(map: &mut Map<String, Value>, path: &[String], value: Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty metadata path")?;
+    let mut cur = map;
+    for (i, p) in parents.iter().enumerate() {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+        cur = match entry {
+            Value::Object(m) => m,
+            other => {
+                return Err(format!(
+                    "metadata {} is {other}, not an object",
+                    path[..=i].join(".")
+                ))
+            }
+        };
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
 /// The identity keys of a host, placeholders left out.
 pub fn keys_of(host: &Host, placeholders: &Placeholders) -> Vec<Key> {
     let mut keys: Vec<Key> = host.mac_list().into_iter().map(Key::Mac).collect();
@@ -835,7 +866,10 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.line, 4, "{err:?}");
-        assert!(err.message.contains("metadata must be an object"), "{err:?}");
+        assert!(
+            err.message.contains("metadata must be an object"),
+            "{err:?}"
+        );
         let err = Database::parse(b"[{\"id\": \"x\"}]", Default::default()).unwrap_err();
         assert_eq!((err.line, err.column > 2), (1, true), "{err:?}");
     }

@@ -427,33 +427,26 @@ fn plan_row(
     Ok(action)
 }
 
+/// Sets each path; an object given for a path that holds an object is
+/// merged into it.
 fn apply_metadata(
     into: &mut Map<String, Value>,
     sets: &[(Vec<String>, Value)],
 ) -> Result<(), String> {
     for (path, value) in sets {
-        let (last, parents) = path.split_last().expect("non-empty path");
-        let mut cur = &mut *into;
-        for (i, p) in parents.iter().enumerate() {
-            let entry = cur
-                .entry(p.clone())
-                .or_insert_with(|| Value::Object(Map::new()));
-            cur = match entry {
-                Value::Object(m) => m,
-                other => {
-                    return Err(format!(
-                        "metadata {} is {other}, not an object",
-                        path[..=i].join(".")
-                    ))
-                }
-            };
-        }
-        match (cur.get_mut(last), value) {
-            (Some(Value::Object(a)), Value::Object(b)) => crate::api::merge(a, b.clone()),
-            (_, v) => {
-                cur.insert(last.clone(), v.clone());
+        let mut value = value.clone();
+        if let Value::Object(new) = &mut value {
+            let mut cur = Some(&*into);
+            for p in path {
+                cur = cur.and_then(|m| m.get(p)).and_then(Value::as_object);
+            }
+            if let Some(old) = cur {
+                let mut merged = old.clone();
+                crate::api::merge(&mut merged, std::mem::take(new));
+                *new = merged;
             }
         }
+        crate::hosts::set_path(into, path, value)?;
     }
     Ok(())
 }

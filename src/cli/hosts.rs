@@ -240,32 +240,14 @@ pub fn parse_meta_set(arg: &str) -> Result<(Vec<String>, Value)> {
     Ok((split_key(k.trim())?, value))
 }
 
-/// Sets a dotted path, creating objects on the way; a non-object in the
-/// way is an error.
+/// Sets a dotted metadata path (see [`crate::hosts::set_path`]); a
+/// non-object in the way is an error that says what to do.
 pub fn set_path(
     map: &mut Map<String, Value>,
     path: &[String],
     value: Value,
 ) -> std::result::Result<(), String> {
-    let (last, parents) = path.split_last().expect("non-empty path");
-    let mut cur = map;
-    for (i, p) in parents.iter().enumerate() {
-        let entry = cur
-            .entry(p.clone())
-            .or_insert_with(|| Value::Object(Map::new()));
-        cur = match entry {
-            Value::Object(m) => m,
-            other => {
-                return Err(format!(
-                    "metadata {} is {}, not an object; unset it first",
-                    path[..=i].join("."),
-                    other
-                ))
-            }
-        };
-    }
-    cur.insert(last.clone(), value);
-    Ok(())
+    crate::hosts::set_path(map, path, value).map_err(|e| format!("{e}; unset it first"))
 }
 
 /// Removes a dotted path; whether it was there.
