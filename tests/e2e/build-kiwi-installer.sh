@@ -18,10 +18,10 @@ out=${1:?usage: build-kiwi-installer.sh OUTDIR}
 cache=${E2E_CACHE:-/var/cache/kiwispray-e2e}
 KIWI_VERSION=11.1.6
 KIWI_SDIST_SHA256=9898e3ba141d10ab9ad0e9881fbe096110dd54d758808a3f78de52d53abae5d7
-# Debian's packages, as kiwi-dump needs them (isc-dhcp-client: network-legacy)
+# Debian's packages, as kiwi-dump needs them (isc-dhcp-client and procps: network-legacy)
 PKGS=systemd,udev,iproute2,dmsetup,cryptsetup-bin,kexec-tools,curl,xz-utils
 KERNEL=linux-image-cloud-amd64
-PKGS+=,dialog,pv,gawk,fdisk,gdisk,kpartx,e2fsprogs,bc,isc-dhcp-client,dracut,dracut-network
+PKGS+=,dialog,pv,gawk,fdisk,gdisk,kpartx,e2fsprogs,bc,isc-dhcp-client,procps,dracut,dracut-network
 mkdir -p "$cache" "$out"
 
 suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
