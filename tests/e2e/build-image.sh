@@ -26,7 +26,7 @@ cache=${E2E_CACHE:-/var/cache/kiwispray-e2e}
 P=kiwispray-e2e.x86_64-1.0.0
 blocksize=4096
 esp_mib=16
-PKGS=systemd,systemd-sysv,udev,linux-image-cloud-amd64,initramfs-tools,grub-pc-bin,grub-efi-amd64-bin,curl
+PKGS=systemd,systemd-sysv,udev,e2fsprogs,linux-image-cloud-amd64,initramfs-tools,grub-pc-bin,grub-efi-amd64-bin,curl
 mkdir -p "$cache" "$out"
 
 suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
@@ -59,6 +59,8 @@ cp -a "$here/testimage/root/." "\$r/"
 install -D -m 755 "$repo/firstboot/kiwispray-firstboot" "\$r/usr/libexec/kiwispray-firstboot"
 install -D -m 644 "$repo/firstboot/kiwispray-firstboot.service" "\$r/usr/lib/systemd/system/kiwispray-firstboot.service"
 chroot "\$r" systemctl enable systemd-networkd.service kiwispray-firstboot.service kiwispray-e2e-marker.service
+# no dbus: this would start gettys on tty2-6 after a 10 s wait
+ln -sf /dev/null "\$r/etc/systemd/system/getty-static.service"
 echo "UUID=$uuid / ext4 defaults,errors=remount-ro 0 1" >"\$r/etc/fstab"
 echo kiwispray-e2e >"\$r/etc/hostname"
 : >"\$r/etc/machine-id"
@@ -78,7 +80,6 @@ initrd /boot/initrd.img-\$kver
 boot
 CFG
 mods="part_msdos ext2 fat search search_fs_uuid normal linux echo serial terminal configfile test"
-cp -r "\$r/usr/lib/grub/i386-pc" "\$r/usr/lib/grub/x86_64-efi" "\$r/boot/grub/"
 chroot "\$r" grub-mkimage -O i386-pc -o /var/tmp/core.img -c /var/tmp/early.cfg -p /boot/grub biosdisk \$mods
 chroot "\$r" grub-mkimage -O x86_64-efi -o /var/tmp/BOOTX64.EFI -c /var/tmp/early.cfg -p /boot/grub \$mods
 mv "\$r/var/tmp/core.img" "\$r/var/tmp/BOOTX64.EFI" "$tmp/out/"
@@ -102,10 +103,10 @@ EOF
     cp "$root/boot/initrd.img-$kver" "$dir/$P.initrd"
     rm -rf "$root/var/cache/apt/"*.bin "$root/var/lib/apt/lists/"* "$root/var/log/"*.log
 
-    # the root file system, with a quarter of its size free
+    # the root file system, with a tenth of its size and 32 MiB free
     local used mib
     used=$(du -sm "$root" | cut -f1)
-    mib=$((used * 5 / 4 + 48))
+    mib=$((used * 11 / 10 + 32))
     mkfs.ext4 -q -F -L ROOT -U "$uuid" -E root_owner=0:0 -d "$root" "$tmp/root.ext4" "${mib}M"
     # the EFI system partition
     mkfs.vfat -n EFI -C "$tmp/esp.vfat" $((esp_mib * 1024)) >/dev/null
@@ -139,7 +140,7 @@ PY
     local bytes blocks
     bytes=$(stat -c %s "$disk")
     blocks=$((bytes / blocksize))
-    xz -T0 -6 -c "$disk" >"$dir/$P.xz"
+    xz -T0 -3 -c "$disk" >"$dir/$P.xz"
     echo "$(sha256sum <"$disk" | cut -d' ' -f1) $blocks $blocksize" >"$dir/$P.sha256"
     mv "$disk" "$dir/disk.raw"
     echo "rd.kiwi.install.pxe rd.kiwi.install.image=http://example.com/image.xz console=ttyS0 loglevel=3 panic=-1" >"$dir/$P.append"

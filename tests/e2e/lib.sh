@@ -23,7 +23,7 @@ e2e_skip() {
         echo "################################################################"
         echo "E2E SKIPPED: $*"
         echo "################################################################"
-        echo "e2e: 0 passed, 0 failed, 8 skipped"
+        echo "e2e: 0 passed, 0 failed, 9 skipped"
     } >&2
     if [ "${E2E_ALLOW_SKIP:-0}" = 1 ]; then exit 0; fi
     exit 2

@@ -44,7 +44,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 IMAGE=kiwispray-e2e
-SCENARIOS=(1 2 3 4 5 6 7 8)
+SCENARIOS=(1 2 3 4 5 6 7 8 9)
 declare -A TITLE=(
     [1]="unknown machine registered as new, serial intact"
     [2]="install with kiwi-dump, kexec, kiwispray-firstboot runs the post-install, finished"
@@ -54,6 +54,7 @@ declare -A TITLE=(
     [6]="UEFI: install with kiwi-dump; finished leaves iPXE, OVMF boots the installed system"
     [7]="discover mode: /update stores MACs and metadata, ends new"
     [8]="proxy DHCP (BIOS, UEFI): address from the site's server, boot from kiwispray-proxy.conf"
+    [9]="kiwispray-firstboot: nothing without razorurl=, curl and wget, once per install, /fail on failure"
 )
 
 # --- checks ------------------------------------------------------------------
@@ -423,6 +424,68 @@ lane_f() {
     done_scenario 8
 }
 
+# Scenario 9, no guest: kiwispray-firstboot against the proxy bed's stack.
+# fb_run NAME CMDLINE [VAR=VALUE...]: runs the agent in the bed's namespace
+# with the kernel command line CMDLINE; output in $WORK/logs/fb-NAME.out,
+# exit status in FB_RC.
+fb_run() {
+    local name=$1 cmdline=$2
+    shift 2
+    printf '%s\n' "$cmdline" >"$WORK/fb/$name.cmdline"
+    ip netns exec "kse2e-$$-proxy" env INVOCATION_ID=e2e KS_FIRSTBOOT_CMDLINE="$WORK/fb/$name.cmdline" \
+        KS_FIRSTBOOT_STATE="$WORK/fb/state" KS_FIRSTBOOT_RUN="$WORK/fb/run-$name" \
+        KS_FIRSTBOOT_TRIES=2 KS_FIRSTBOOT_DELAY=1 "$@" \
+        sh "$E2E_REPO/firstboot/kiwispray-firstboot" >"$WORK/logs/fb-$name.out" 2>&1
+    FB_RC=$?
+}
+lane_h() {
+    local root=$WORK/proxy/root base="http://$SERVER_IP:$SERVER_PORT" n out
+    local bootid=0123456789abcdef0123456789abcdef
+    mkdir -p "$WORK/fb" "$root/images/e2e-firstboot"
+    printf '#!/bin/sh\necho "E2E-FIRSTBOOT: script ran as $0"\n' >"$root/images/e2e-firstboot/ok.sh"
+    printf '#!/bin/sh\necho "E2E-FIRSTBOOT: failing"\nexit 7\n' >"$root/images/e2e-firstboot/bad.sh"
+
+    fb_run none "BOOT_IMAGE=/vmlinuz root=/dev/vda2 console=ttyS0"
+    ck 9 "without razorurl=: exit 0" eq "$FB_RC" 0
+    ck 9 "without razorurl=: no output" eq "$(cat "$WORK/logs/fb-none.out")" ""
+    ck 9 "without razorurl=: no stamp" test ! -e "$WORK/fb/state"
+
+    for fetcher in curl wget; do
+        n=$(log_lines proxy)
+        fb_run "ok-$fetcher" "quiet razorurl=$base/images/e2e-firstboot/ok.sh?id=1&bootid=$bootid console=ttyS0" \
+            KS_FIRSTBOOT_FETCH=$fetcher
+        out=$WORK/logs/fb-ok-$fetcher.out
+        ck 9 "$fetcher: success exits 0" eq "$FB_RC" 0
+        ck 9 "$fetcher: the script ran" grep -q '^kiwispray-firstboot: | E2E-FIRSTBOOT: script ran' "$out"
+        ck 9 "$fetcher: fetched with the whole query" \
+            grep -qE "GET /images/e2e-firstboot/ok\.sh\?id=1&bootid=$bootid HTTP/1\.1\" 200 " "$WORK/proxy/run/access.log"
+        ck 9 "$fetcher: stamp written" test -e "$WORK/fb/state/done-$bootid"
+        ck 9 "$fetcher: no bootid in the output" lacks "$out" "$bootid"
+        # once per install: the stamp stops a second run
+        fb_run "again-$fetcher" "quiet razorurl=$base/images/e2e-firstboot/ok.sh?id=1&bootid=$bootid" KS_FIRSTBOOT_FETCH=$fetcher
+        ck 9 "$fetcher: second run exits 0" eq "$FB_RC" 0
+        ck 9 "$fetcher: second run fetches nothing" eq "$(tail -n +"$((n + 1))" "$WORK/proxy/run/access.log" | grep -c ok.sh)" 1
+        rm -rf "$WORK/fb/state"
+    done
+
+    # the script fails: /fail is called with the reason; a 404 from a
+    # service without /fail is tolerated, the agent still exits non-zero
+    fb_run bad "razorurl=$base/images/e2e-firstboot/bad.sh?id=42&bootid=$bootid"
+    ck 9 "failing script: exit 1" eq "$FB_RC" 1
+    ck 9 "failing script: failure logged" grep -q 'kiwispray-firstboot: FAILED: the post-install script exited with status 7' "$WORK/logs/fb-bad.out"
+    ck 9 "failing script: /fail called with id, bootid and the reason" \
+        grep -qE "GET /fail\?id=42&bootid=$bootid&reason=the%20post-install%20script%20exited%20with%20status%207%3A%20E2E-FIRSTBOOT%3A%20failing HTTP" "$WORK/proxy/run/access.log"
+    ck 9 "failing script: no stamp" test ! -e "$WORK/fb/state/done-$bootid"
+    # the service refuses the post-install (unknown host): retried, then /fail
+    fb_run refused "razorurl=$base/post-install?id=999999&bootid=$bootid"
+    ck 9 "refused post-install: exit 1" eq "$FB_RC" 1
+    ck 9 "refused post-install: retried" grep -q 'attempt 1 failed' "$WORK/logs/fb-refused.out"
+    ck 9 "refused post-install: /fail called" \
+        grep -qE "GET /fail\?id=999999&bootid=$bootid&reason=cannot%20fetch%20the%20post-install%20script%20after%202%20attempts" "$WORK/proxy/run/access.log"
+    ck 9 "refused post-install: no bootid in the output" lacks "$WORK/logs/fb-refused.out" "$bootid"
+    done_scenario 9
+}
+
 # proxy_conf_adapted SHIPPED ADAPTED: the two differ only in the interface=,
 # the `dhcp-range=...,proxy` line and the server address.
 proxy_conf_adapted() {
@@ -459,7 +522,7 @@ if ! P=$("$here/build-image.sh" "$WORK/build" "$WORK/image.raw" "$WORK/kiwi-inst
     E2E_FAILED=1
     exit 1
 fi
-cat "$WORK/logs/build-kiwi-installer.log" "$WORK/logs/build-image.log" | grep -E '^(kiwi-dump installer|test image):' >&2
+cat "$WORK/logs/build-kiwi-installer.log" "$WORK/logs/build-image.log" | grep -E '^(kiwi-dump installer|test image)' >&2
 log "test image $P: $(head -c 16 "$WORK/build/$P.sha256")..."
 
 # The image goes in as an operator would put it; its post-install is the
@@ -480,8 +543,8 @@ done
 bed_up disc 1 || { E2E_FAILED=1; exit 1; }
 bed_up proxy 0 proxy || { E2E_FAILED=1; exit 1; }
 
-lanes=(lane_d lane_a lane_b lane_e lane_c lane_f)   # longest first
-declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7 [lane_f]=8)
+lanes=(lane_d lane_a lane_b lane_h lane_e lane_c lane_f)   # longest first
+declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7 [lane_f]=8 [lane_h]=9)
 jobs_max=${E2E_JOBS:-3}
 running=()
 for lane in "${lanes[@]}"; do
@@ -518,7 +581,7 @@ done
 
 E2E_FAILED=$nfail
 if [ "$nfail" -gt 0 ]; then
-    declare -A MACHINE=([1]=A [2]=A [3]=A [4]=B [5]=C [6]=D [7]=E [8]="F G")
+    declare -A MACHINE=([1]=A [2]=A [3]=A [4]=B [5]=C [6]=D [7]=E [8]="F G" [9]=none)
     machines=$(for s in "${SCENARIOS[@]}"; do
         grep -qs '^FAIL' "$WORK/results/$s" && echo "${MACHINE[$s]}"; done | sort -u)
     for m in $machines; do
@@ -527,6 +590,11 @@ if [ "$nfail" -gt 0 ]; then
             echo "======== serial log $(basename "$f") (last 80 lines)"
             tr -d '\r' <"$f" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -av '^\s*$' | tail -n 80
         done
+    done
+    for f in "$WORK/logs"/fb-*.out; do
+        [ -e "$f" ] && grep -qs '^FAIL' "$WORK/results/9" || continue
+        echo "======== kiwispray-firstboot run $(basename "$f" .out)"
+        cat "$f"
     done
     for bed in main solo disc proxy; do
         for f in "$WORK/$bed/serve.log" "$WORK/$bed/run/"*.log; do
