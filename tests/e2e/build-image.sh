@@ -153,7 +153,7 @@ if [ ! -e "$dir/.done" ]; then
     rm -rf "$dir" && mkdir -p "$dir"
     # shellcheck disable=SC2064
     trap 'rm -rf "$tmp"; [ -e "$dir/.done" ] || rm -rf "$dir"' EXIT
-    build
+    build >&2
     touch "$dir/.done"
 fi
 for f in "$P.xz" "$P.sha256" "$P.append" "$P.config.bootoptions" "$P.initrd"; do
