@@ -13,7 +13,6 @@
 # Usage: build-kiwi-installer.sh OUTDIR
 set -euo pipefail
 export LC_ALL=C
-here=$(cd "$(dirname "$0")" && pwd)
 out=${1:?usage: build-kiwi-installer.sh OUTDIR}
 cache=${E2E_CACHE:-/var/cache/kiwispray-e2e}
 KIWI_VERSION=11.1.6
@@ -38,7 +37,7 @@ RECIPE=2
 key=$( { echo "$RECIPE $KIWI_VERSION $KIWI_SDIST_SHA256 $suite $PKGS $KERNEL ${DRACUT_ARGS[*]}"; cat "${sources[@]}"; } \
        | sha256sum | cut -c1-16)
 dir=$cache/kiwi-installer-$key
-tmp= p=
+tmp='' p=''
 trap 'rm -rf "$tmp" "$p"' EXIT
 if [ ! -e "$dir/.done" ]; then
     command -v mmdebstrap >/dev/null || { echo "mmdebstrap is missing (apt-get install mmdebstrap)" >&2; exit 1; }

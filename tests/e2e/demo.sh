@@ -28,7 +28,7 @@ mkdir -p "$WORK/logs"
 : >"$WORK/namespaces"
 export WORK
 ROOT=$WORK/demo/root
-GUEST= CONSOLE= DEMO_OK=0
+GUEST='' CONSOLE='' DEMO_OK=0
 
 cleanup() {
     trap - EXIT INT TERM
