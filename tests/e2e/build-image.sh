@@ -36,7 +36,10 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.l
 done
 [ "${#sources[@]}" -gt 0 ] || { echo "no apt sources in /etc/apt" >&2; exit 1; }
 
-key=$( { cat "$0"; echo "$suite $PKGS"; cat "${sources[@]}";
+# bump RECIPE when the build steps below change (the kernel command lines
+# are written on each call, outside the cache)
+RECIPE=1
+key=$( { echo "$RECIPE $suite $PKGS"; cat "${sources[@]}";
          (cd "$repo" && find firstboot tests/e2e/testimage/root -type f | sort | xargs sha256sum); } \
        | sha256sum | cut -c1-16)
 dir=$cache/image-$key
@@ -143,8 +146,7 @@ PY
     xz -T0 -3 -c "$disk" >"$dir/$P.xz"
     echo "$(sha256sum <"$disk" | cut -d' ' -f1) $blocks $blocksize" >"$dir/$P.sha256"
     mv "$disk" "$dir/disk.raw"
-    echo "rd.kiwi.install.pxe rd.kiwi.install.image=http://example.com/image.xz console=ttyS0 loglevel=3 panic=-1" >"$dir/$P.append"
-    echo "root=UUID=$uuid ro console=ttyS0,115200" >"$dir/$P.config.bootoptions"
+    echo "$uuid" >"$dir/root-uuid"
     echo "$((1 + esp_mib))" >"$dir/root-offset-mib"
 }
 
@@ -156,7 +158,15 @@ if [ ! -e "$dir/.done" ]; then
     build >&2
     touch "$dir/.done"
 fi
-for f in "$P.xz" "$P.sha256" "$P.append" "$P.config.bootoptions" "$P.initrd"; do
+# The build's kernelcmdline (the installer's arguments, passed on to the
+# installed system's first boot by rd.kiwi.install.pass.bootparam) and the
+# installed system's boot options. For TCG on busy cores: no_timer_check
+# (else the kernel may panic "IO-APIC + timer doesn't work!" when the
+# host is slow), init_on_alloc=0 (clearing every page on allocation is what
+# makes the kexec'd first boot crawl under TCG).
+echo "rd.kiwi.install.pxe rd.kiwi.install.image=http://example.com/image.xz console=ttyS0 loglevel=3 panic=-1 no_timer_check init_on_alloc=0" >"$out/$P.append"
+echo "root=UUID=$(cat "$dir/root-uuid") ro console=ttyS0,115200" >"$out/$P.config.bootoptions"
+for f in "$P.xz" "$P.sha256" "$P.initrd"; do
     ln -f "$dir/$f" "$out/$f" 2>/dev/null || cp "$dir/$f" "$out/$f"
 done
 ln -f "$dir/disk.raw" "$raw" 2>/dev/null || cp "$dir/disk.raw" "$raw"

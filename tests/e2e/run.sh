@@ -496,8 +496,9 @@ lane_h() {
     fb_run bad "razorurl=$base/images/e2e-firstboot/bad.sh?id=42&bootid=$bootid"
     ck 9 "failing script: exit 1" eq "$FB_RC" 1
     ck 9 "failing script: failure logged" grep -q 'kiwispray-firstboot: FAILED: the post-install script exited with status 7' "$WORK/logs/fb-bad.out"
+    # /fail is next to the script: the razorurl's directory is the service's base
     ck 9 "failing script: /fail called with id, bootid and the reason" \
-        grep -qE "GET /fail\?id=42&bootid=$bootid&reason=the%20post-install%20script%20exited%20with%20status%207%3A%20E2E-FIRSTBOOT%3A%20failing HTTP" "$WORK/proxy/run/access.log"
+        grep -qE "GET /images/e2e-firstboot/fail\?id=42&bootid=$bootid&reason=the%20post-install%20script%20exited%20with%20status%207%3A%20E2E-FIRSTBOOT%3A%20failing HTTP" "$WORK/proxy/run/access.log"
     ck 9 "failing script: no stamp" test ! -e "$WORK/fb/state/done-$bootid"
     # the service refuses the post-install (unknown host): retried, then /fail
     fb_run refused "razorurl=$base/post-install?id=999999&bootid=$bootid"
