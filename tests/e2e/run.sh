@@ -8,7 +8,7 @@
 # Prints "e2e: N passed, M failed[, K skipped]".
 #
 # Environment: E2E_ALLOW_SKIP=1 (an unusable environment exits 0, still
-# loudly), E2E_JOBS (guests at once, default 3), E2E_KEEP=1 (keep the work
+# loudly), E2E_JOBS (machines at once, default 4), E2E_KEEP=1 (keep the work
 # dir), E2E_ONLY="1 2 3" (run only the lanes holding these scenarios),
 # E2E_INSTALL_JOBS (install boots at once, default 1),
 # E2E_CACHE (installer and image cache, default /var/cache/kiwispray-e2e),
@@ -567,9 +567,11 @@ done
 bed_up disc 1 || { E2E_FAILED=1; exit 1; }
 bed_up proxy 0 proxy || { E2E_FAILED=1; exit 1; }
 
-lanes=(lane_d lane_a lane_h lane_b lane_e lane_c lane_f)   # the install lanes early, they queue for the install slot
+# the install lanes first: they queue for the install slot (see
+# boot_install), the others use the remaining lane while they wait
+lanes=(lane_d lane_a lane_b lane_h lane_e lane_c lane_f)
 declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7 [lane_f]=8 [lane_h]=9)
-jobs_max=${E2E_JOBS:-3}
+jobs_max=${E2E_JOBS:-4}
 running=()
 for lane in "${lanes[@]}"; do
     if [ -n "${E2E_ONLY:-}" ]; then
