@@ -10,7 +10,7 @@ APT_GET = DEBIAN_FRONTEND=noninteractive apt-get -y -q
 # Debian packages per purpose.
 SERVE_PKGS = $(if $(filter lighttpd,$(WEB)),lighttpd,nginx)
 TEST_PKGS = nginx curl wrk dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
-	lighttpd rpm systemd git mmdebstrap fdisk e2fsprogs dosfstools mtools
+	lighttpd rpm systemd git mmdebstrap fdisk e2fsprogs dosfstools mtools python3-pip
 RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 

@@ -40,6 +40,8 @@ env_missing() {
              mkfs.vfat:dosfstools mcopy:mtools; do
         command -v "${c%%:*}" >/dev/null 2>&1 || m+=("${c#*:}")
     done
+    # the kiwi sdist comes with pip download
+    python3 -m pip --version >/dev/null 2>&1 || m+=(python3-pip)
     # ldd fails on a static binary
     [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || m+=(busybox-static)
     [ -e /usr/lib/ipxe/undionly.kpxe ] && [ -e /usr/lib/ipxe/snponly.efi ] || m+=(ipxe)
