@@ -10,11 +10,12 @@ APT_GET = DEBIAN_FRONTEND=noninteractive apt-get -y -q
 # Debian packages per purpose.
 SERVE_PKGS = $(if $(filter lighttpd,$(WEB)),lighttpd,nginx)
 TEST_PKGS = nginx curl wrk dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
-	lighttpd rpm systemd git prometheus chromium chromium-driver
+	lighttpd rpm systemd git prometheus chromium chromium-driver \
+	mmdebstrap fdisk e2fsprogs dosfstools mtools python3-pip
 RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 
-.PHONY: all build serve test test-unit test-bench-smoke test-e2e lint fmt bench deps-build deps-serve deps-test deps-bench clean man \
+.PHONY: all build serve test test-unit test-bench-smoke test-e2e demo lint fmt bench deps-build deps-serve deps-test deps-bench clean man \
 	rpm deps-rpm install
 
 all: build
@@ -68,6 +69,11 @@ test-unit: deps-test
 # Real firmware: QEMU guests, iPXE, dnsmasq and nginx in a network namespace.
 test-e2e: deps-test build
 	./tests/e2e/run.sh
+
+# The whole life cycle on one QEMU guest, narrated (as root): register,
+# install with KIWI's real installer, first boot, boot from disk.
+demo: deps-test build
+	./tests/e2e/demo.sh
 
 # A few seconds of the benchmark on tiny databases: checks that the stack
 # survives load and loses no registration (numbers are not judged).
