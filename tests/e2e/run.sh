@@ -45,7 +45,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 IMAGE=kiwispray-e2e
-SCENARIOS=(1 2 3 4 5 6 7 8 9)
+SCENARIOS=(1 2 3 4 5 6 7 8 9 10)
 declare -A TITLE=(
     [1]="unknown machine registered as new, serial intact"
     [2]="install with kiwi-dump, kexec, kiwispray-firstboot runs the post-install, finished"
@@ -56,6 +56,7 @@ declare -A TITLE=(
     [7]="discover mode: /update stores MACs and metadata, ends new"
     [8]="proxy DHCP (BIOS, UEFI): address from the site's server, boot from kiwispray-proxy.conf"
     [9]="kiwispray-firstboot: nothing without razorurl=, curl and wget, once per install, /fail on failure"
+    [10]="broken image: kiwi-dump fails its checksum and reboots; held (loop) after max_install_boots, no further install"
 )
 
 # --- checks ------------------------------------------------------------------
@@ -341,6 +342,95 @@ lane_d() {
     done_scenario 6
 }
 
+# Machine L, BIOS: scenario 10, the loop breaker with the real installer.
+# The image "broken" is the test image with a checksum that no longer
+# matches (as after a bad upload): kiwi-dump writes the disk, its check
+# fails, and it reboots into PXE. The main bed has max_install_boots 2.
+lane_l() {
+    BED=main
+    local root=$WORK/main/root mac=52:54:00:e2:11:01 serial=KS-E2E-L
+    local uuid=10e2e2e2-0000-4000-8000-00000000001a disk=$WORK/L.disk id n since
+    truncate -s 8M "$disk"
+    boot L 1-new bios "$disk" "$serial" "$uuid" 240 new_shown "$root" "$mac" @LOG@ "$serial" -- "br0:$mac"
+    ck 10 "first boot registered" boot_ok || return
+    id=$(db_host "$root" "$mac" id)
+    ck 10 "a broken copy of the image" broken_image "$root" || return
+    ck 10 "kiwispray-hosts set broken" host_set "$root" "$id" broken || return
+    install_disk "$disk"
+    for n in 1 2; do
+        since=$(log_lines main)
+        # kiwi-dump writes and verifies the disk, then reboots: the guest ends.
+        boot L "$((n + 1))-fail-$n" bios "$disk" "$serial" "$uuid" "$INSTALL_TIMEOUT" kiwi_failed @LOG@ -- "br0:$mac"
+        ck 10 "install $n: the installer failed and rebooted" install_failed_ok "$LOG" || return
+        ck 10 "install $n: kiwi-dump fetched the broken image" \
+            grep -qE '"GET /images/broken/[^ ]+\.xz HTTP/1\.1" 200 ' <(tail -n +"$((since + 1))" "$WORK/main/run/access.log")
+        ck 10 "install $n: an attempt was started" eq "$(hosts_cli "$root" show "$id" --json | json_get host.runtime.attempts.-1.n)" "$n"
+    done
+    since=$(log_lines main)
+    boot L 4-held bios "$disk" "$serial" "$uuid" 300 serial_has @LOG@ 'ON HOLD \(loop\)' -- "br0:$mac"
+    ck 10 "third boot: held, and the console says why" boot_ok || return
+    ck 10 "console: the reason" has "$LOG" '2 install boots of broken in a row without /finish \(max_install_boots 2\)'
+    ck 10 "console: how to release" has "$LOG" "kiwispray-hosts release $id"
+    ck 10 "no further install started" eq "$(tail -n +"$((since + 1))" "$WORK/main/run/access.log" | grep -c '/images/broken/')" 0
+    ck 10 "held with cause loop" eq "$(hosts_cli "$root" show "$id" --json | json_get host.runtime.held.cause)" loop
+    ck 10 "both attempts abandoned" eq "$(hosts_cli "$root" show "$id" --json | json_get host.runtime.attempts.*.outcome)" "abandoned abandoned"
+    ck 10 "events: two install boots, then the hold" eq "$(events_of "$root" "$id")" "register cli install-boot install-boot hold"
+    ck 10 "the handler logged the hold" grep -q "host $id: held (loop)" "$WORK/main/serve.log"
+    ck 10 "check names the held host" check_names "$root" "host $id is held (loop)"
+    done_scenario 10
+}
+
+# broken_image ROOT: images/broken, the test image whose checksum file no
+# longer matches (hard links, but for the changed files), with a short
+# dialog timeout so that kiwi-dump reboots soon after its check fails.
+broken_image() {
+    local src=$1/images/$IMAGE dst=$1/images/broken f sum
+    cp -al "$src" "$dst" || return 1
+    sed -e "s#/images/$IMAGE/#/images/broken/#g" -e 's#rd\.kiwi\.install\.pxe #rd.kiwi.install.pxe rd.kiwi.dialog.timeout=5 #g' \
+        "$src/host.tmpl" >"$dst/host.tmpl.new" && mv "$dst/host.tmpl.new" "$dst/host.tmpl"
+    f=$(ls "$dst"/*.sha256) || return 1
+    sum=$(cat "$f")
+    rm -f "$f"
+    # another first hex digit: the digest no longer matches the disk
+    case $sum in 0*) printf '1%s\n' "${sum:1}" ;; *) printf '0%s\n' "${sum:1}" ;; esac >"$f"
+    grep -q "/images/broken/" "$dst/host.tmpl" && ! cmp -s "$f" "$src/$(basename "$f")"
+}
+# kiwi_failed LOG: kiwi-dump said its check failed (the guest then reboots,
+# which ends it; see install_failed_ok).
+kiwi_failed() { serial_has "$1" 'Image checksum test failed'; }
+# install_failed_ok LOG: the failing install ended as it should: its check
+# failed, or the guest rebooted (ended) before that showed on the console.
+install_failed_ok() {
+    [ "$BOOT_RESULT" = "outcome seen" ] || [[ "$BOOT_RESULT" == *"ended before its outcome was seen" ]] ||
+        { echo "$BOOT_RESULT"; return 1; }
+    ! booted "$1" kexec || { echo "the broken image booted"; return 1; }
+}
+hosts_cli() { "$E2E_REPO/target/release/kiwispray-hosts" --root "$@"; }
+# json_get PATH: a value of the JSON on stdin (a.b.-1.c; * joins a list).
+json_get() {
+    python3 -c '
+import json, sys
+v = [json.load(sys.stdin)]
+for k in sys.argv[1].split("."):
+    if k == "*":
+        v = [x for y in v for x in y]
+    else:
+        v = [y[int(k)] if isinstance(y, list) else y.get(k) for y in v]
+print(" ".join("" if x is None else str(x) for x in v))' "$1"
+}
+# events_of ROOT ID: the causes of the host's events, in order.
+events_of() {
+    python3 -c '
+import json, sys
+print(" ".join(e["cause"] for e in map(json.loads, open(sys.argv[1] + "/events.jsonl")) if e["host"] == int(sys.argv[2])))' "$1" "$2"
+}
+# check_names ROOT TEXT: kiwispray-hosts check exits 1 and names TEXT.
+check_names() {
+    local out rc=0
+    out=$(hosts_cli "$1" check 2>&1) || rc=$?
+    [ "$rc" = 1 ] && grep -qF -- "$2" <<<"$out" || { echo "exit $rc: $out"; return 1; }
+}
+
 # next_uefi_option LOG: after the PXE option failed, OVMF starts another one.
 next_uefi_option() {
     tr -d '\r' <"$1" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' \
@@ -560,6 +650,9 @@ import_image() {
         >"$root/images/$IMAGE/post_install.tmpl"
 }
 
+# The main bed breaks install loops after two boots (scenario 10).
+mkdir -p "$WORK/main/root"
+echo '{"max_install_boots": 2}' >"$WORK/main/root/kiwispray.json"
 for bed in main solo; do
     bed_up $bed || { E2E_FAILED=1; exit 1; }
     import_image "$WORK/$bed/root" || { E2E_FAILED=1; exit 1; }
@@ -569,8 +662,8 @@ bed_up proxy 0 proxy || { E2E_FAILED=1; exit 1; }
 
 # the install lanes first: they queue for the install slot (see
 # boot_install), the others use the remaining lane while they wait
-lanes=(lane_d lane_a lane_b lane_h lane_e lane_c lane_f)
-declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7 [lane_f]=8 [lane_h]=9)
+lanes=(lane_d lane_a lane_b lane_l lane_h lane_e lane_c lane_f)
+declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7 [lane_f]=8 [lane_h]=9 [lane_l]=10)
 jobs_max=${E2E_JOBS:-4}
 running=()
 for lane in "${lanes[@]}"; do
@@ -607,7 +700,7 @@ done
 
 E2E_FAILED=$nfail
 if [ "$nfail" -gt 0 ]; then
-    declare -A MACHINE=([1]=A [2]=A [3]=A [4]=B [5]=C [6]=D [7]=E [8]="F G" [9]=none)
+    declare -A MACHINE=([1]=A [2]=A [3]=A [4]=B [5]=C [6]=D [7]=E [8]="F G" [9]=none [10]=L)
     machines=$(for s in "${SCENARIOS[@]}"; do
         grep -qs '^FAIL' "$WORK/results/$s" && echo "${MACHINE[$s]}"; done | sort -u)
     for m in $machines; do
