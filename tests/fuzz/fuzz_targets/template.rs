@@ -36,9 +36,13 @@ fuzz_target!(|text: &str| {
         assert!(text.contains('@'), "text without placeholders refused");
         return;
     };
-    let out = t
-        .render(context())
-        .unwrap_or_else(|e| panic!("a parsed template does not render: {e}"));
+    // The one refusal a parsed template may meet: the ipxe filter on a
+    // value that is not one safe word for an iPXE command line.
+    let out = match t.render(context()) {
+        Ok(out) => out,
+        Err(e) if text.contains("|ipxe") && e.to_string().contains("(the ipxe filter)") => return,
+        Err(e) => panic!("a parsed template does not render: {e}"),
+    };
     if !text.contains('@') {
         assert_eq!(out, text, "text without placeholders is not kept as it is");
     }
