@@ -309,8 +309,10 @@ guest_stop() {
 }
 
 # serial_has LOG ERE: the serial log, without CRs and colour codes, matches.
+# (grep reads to the end: with -q it would quit at the first match, sed
+# would die of SIGPIPE, and pipefail would turn the match into a failure.)
 serial_has() {
-    tr -d '\r' <"$1" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -aEq -- "$2"
+    tr -d '\r' <"$1" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | grep -aE -- "$2" >/dev/null
 }
 
 # --- database ------------------------------------------------------------------

@@ -97,7 +97,7 @@ fetched_image() {
     local f missing=()
     for f in sha256 kernel initrd config.bootoptions xz; do
         tail -n +"$(($2 + 1))" "$WORK/$1/run/access.log" \
-            | grep -qE "\"GET /images/$IMAGE/$P\.$f HTTP/1\.1\" 200 " || missing+=("$f")
+            | grep -E "\"GET /images/$IMAGE/$P\.$f HTTP/1\.1\" 200 " >/dev/null || missing+=("$f")
     done
     [ "${#missing[@]}" = 0 ] || { echo "not fetched: ${missing[*]}"; return 1; }
 }
@@ -435,7 +435,7 @@ check_names() {
 next_uefi_option() {
     tr -d '\r' <"$1" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' \
         | sed -n '/BdsDxe: failed to start Boot[0-9A-F]* "UEFI PXEv4/,$p' \
-        | grep -aqE '>>Start (HTTP|PXE)|BdsDxe: (loading|failed to load) Boot[0-9A-F]+ "(UEFI|EFI) (HTTP|Misc|QEMU|Internal)'
+        | grep -aE '>>Start (HTTP|PXE)|BdsDxe: (loading|failed to load) Boot[0-9A-F]+ "(UEFI|EFI) (HTTP|Misc|QEMU|Internal)' >/dev/null
 }
 
 # Machine E, BIOS, on its own bed with the handler in discover mode: scenario 7.
