@@ -58,6 +58,15 @@ declare -A TITLE=(
     [9]="kiwispray-firstboot: nothing without razorurl=, curl and wget, once per install, /fail on failure"
     [10]="broken image: kiwi-dump fails its checksum and reboots; held (loop) after max_install_boots, no further install"
 )
+# which machines' serial logs a failed scenario prints
+declare -A MACHINE=([1]=A [2]=A [3]=A [4]=B [5]=C [6]=D [7]=E [8]="F G" [9]=none [10]=L)
+# the install lanes first: they queue for the install slot (see
+# boot_install), the others use the remaining lane while they wait
+LANES=(lane_d lane_a lane_b lane_l lane_h lane_e lane_c lane_f)
+declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7 [lane_f]=8 [lane_h]=9 [lane_l]=10)
+# beds whose logs a failure prints, and set-up steps of the lane files
+BEDS=(main solo disc proxy)
+SETUP=()
 
 # --- checks ------------------------------------------------------------------
 
@@ -615,6 +624,28 @@ proxy_conf_adapted() {
 lease_ip() { awk -v m="${2,,}" 'tolower($2) == m { print $3 }' "$1" 2>/dev/null; }
 db_hosts() { python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))))' "$1/known_hosts.json"; }
 
+# wanted N...: E2E_ONLY is unset or holds one of the scenarios N.
+wanted() {
+    [ -z "${E2E_ONLY:-}" ] && return 0
+    local s
+    for s; do [[ " $E2E_ONLY " == *" $s "* ]] && return 0; done
+    return 1
+}
+
+# --- lane files ----------------------------------------------------------------
+
+# Each boot path beyond the ones above is a file of its own in lanes/: it
+# defines its lane functions and adds to SCENARIOS, TITLE, MACHINE, LANES,
+# LANE_SCEN, BEDS and SETUP (functions run once the main beds are up; one
+# that fails fails its scenarios, not the stage; it returns early unless
+# `wanted N...` says E2E_ONLY keeps one of its scenarios). Scenario numbers: 11-19
+# power, 20-29 UEFI HTTP and IPv6, 30-39 GRUB, 40-49 edge servers.
+for f in "$here"/lanes/*.sh; do
+    [ -e "$f" ] || continue
+    # shellcheck source=/dev/null
+    . "$f"
+done
+
 # --- main --------------------------------------------------------------------
 
 # Under TCG on 2 cores: iPXE loads the installer, kiwi-dump writes and
@@ -659,19 +690,15 @@ for bed in main solo; do
 done
 bed_up disc 1 || { E2E_FAILED=1; exit 1; }
 bed_up proxy 0 proxy || { E2E_FAILED=1; exit 1; }
+for step in "${SETUP[@]}"; do
+    "$step" || log "set-up step $step failed; its scenarios fail"
+done
 
-# the install lanes first: they queue for the install slot (see
-# boot_install), the others use the remaining lane while they wait
-lanes=(lane_d lane_a lane_b lane_l lane_h lane_e lane_c lane_f)
-declare -A LANE_SCEN=([lane_a]="1 2 3" [lane_b]=4 [lane_c]=5 [lane_d]=6 [lane_e]=7 [lane_f]=8 [lane_h]=9 [lane_l]=10)
 jobs_max=${E2E_JOBS:-4}
 running=()
-for lane in "${lanes[@]}"; do
-    if [ -n "${E2E_ONLY:-}" ]; then
-        want=0
-        for s in ${LANE_SCEN[$lane]}; do [[ " $E2E_ONLY " == *" $s "* ]] && want=1; done
-        [ $want = 1 ] || continue
-    fi
+for lane in "${LANES[@]}"; do
+    # shellcheck disable=SC2086
+    wanted ${LANE_SCEN[$lane]} || continue
     while :; do
         alive=()
         for p in "${running[@]}"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
@@ -700,7 +727,6 @@ done
 
 E2E_FAILED=$nfail
 if [ "$nfail" -gt 0 ]; then
-    declare -A MACHINE=([1]=A [2]=A [3]=A [4]=B [5]=C [6]=D [7]=E [8]="F G" [9]=none [10]=L)
     machines=$(for s in "${SCENARIOS[@]}"; do
         grep -qs '^FAIL' "$WORK/results/$s" && echo "${MACHINE[$s]}"; done | sort -u)
     for m in $machines; do
@@ -715,7 +741,7 @@ if [ "$nfail" -gt 0 ]; then
         echo "======== kiwispray-firstboot run $(basename "$f" .out)"
         cat "$f"
     done
-    for bed in main solo disc proxy; do
+    for bed in "${BEDS[@]}"; do
         for f in "$WORK/$bed/serve.log" "$WORK/$bed/run/"*.log; do
             [ -e "$f" ] || continue
             echo "======== $bed: $(basename "$f") (last 100 lines)"
