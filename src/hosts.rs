@@ -233,11 +233,16 @@ impl std::fmt::Display for Key {
 
 /// The 128 bits of a canonical (hyphenated, lowercase) UUID key.
 fn uuid_bits(uuid: &str) -> Option<u128> {
-    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
-    if hex.len() != 32 {
-        return None;
+    let mut bits = 0u128;
+    let mut digits = 0;
+    for b in uuid.bytes().filter(|b| *b != b'-') {
+        bits = (bits << 4) | u128::from((b as char).to_digit(16)?);
+        digits += 1;
+        if digits > 32 {
+            return None;
+        }
     }
-    u128::from_str_radix(&hex, 16).ok()
+    (digits == 32).then_some(bits)
 }
 
 /// How many copy-on-write shards each index map is split into.
@@ -368,11 +373,13 @@ impl Index {
             }
             return;
         }
-        match self.take_single(&key) {
+        match self.single(&key).copied() {
             Some(other) if other != id => {
+                self.take_single(&key);
                 Arc::make_mut(&mut self.shared).insert(key, vec![other, id]);
             }
-            _ => self.put_single(key, id),
+            Some(_) => {}
+            None => self.put_single(key, id),
         }
     }
 
@@ -409,7 +416,8 @@ impl Index {
 pub struct Database {
     entries: Entries,
     by_id: Sharded<u64, usize>,
-    index: Index,
+    /// Built on first use, see [`Self::index`].
+    index: std::sync::OnceLock<Index>,
     /// The highest id in use (0 when empty), so `next_id` is O(1).
     max_id: u64,
     placeholders: Arc<Placeholders>,
@@ -425,6 +433,230 @@ pub struct ParseError {
     pub line: usize,
     pub column: usize,
     pub message: String,
+}
+
+/// What loading needs of one host, read without building the [`Host`]:
+/// its id and key fields (borrowed from the file's text where they have no
+/// escapes). The other fields are checked as `Host` reads them (strings,
+/// an object or nothing for `metadata`, any JSON elsewhere) without being
+/// kept. `unusual` marks what only the full reading decides exactly: a
+/// number where a string belongs, or a field given twice.
+struct Light<'a> {
+    id: u64,
+    macs: std::borrow::Cow<'a, str>,
+    serial: std::borrow::Cow<'a, str>,
+    uuid: std::borrow::Cow<'a, str>,
+    bootid: bool,
+    unusual: bool,
+}
+
+impl<'de> Deserialize<'de> for Light<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(LightVisitor)
+    }
+}
+
+struct LightVisitor;
+
+impl<'de> serde::de::Visitor<'de> for LightVisitor {
+    type Value = Light<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a host object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Light<'de>, A::Error> {
+        use std::borrow::Cow;
+        let mut light = Light {
+            id: 0,
+            macs: Cow::Borrowed(""),
+            serial: Cow::Borrowed(""),
+            uuid: Cow::Borrowed(""),
+            bootid: false,
+            unusual: false,
+        };
+        let mut seen = [false; 8];
+        let mut has_id = false;
+        while let Some(key) = map.next_key::<LightField>()? {
+            let LightField::Text(key) = key else {
+                return Err(serde::de::Error::custom("a key is not a string"));
+            };
+            let slot = match &*key {
+                "id" => 0,
+                "macs" => 1,
+                "serial" => 2,
+                "uuid" => 3,
+                "hostname" => 4,
+                "state" => 5,
+                "metadata" => 6,
+                _ => 7,
+            };
+            if slot < 7 && std::mem::replace(&mut seen[slot], true) {
+                light.unusual = true;
+            }
+            match slot {
+                0 => match map.next_value::<LightField>()? {
+                    LightField::Number(Some(n)) => {
+                        light.id = n;
+                        has_id = true;
+                    }
+                    _ => light.unusual = true,
+                },
+                1..=5 => match map.next_value::<LightField>()? {
+                    LightField::Text(t) => match slot {
+                        1 => light.macs = t,
+                        2 => light.serial = t,
+                        3 => light.uuid = t,
+                        _ => {}
+                    },
+                    LightField::Null => {}
+                    LightField::Number(_) => light.unusual = true,
+                },
+                6 => {
+                    if !map.next_value::<LightMetadata>()?.0 {
+                        light.unusual = true;
+                    }
+                }
+                _ => {
+                    light.bootid |= key == "bootid";
+                    map.next_value::<Checked>()?;
+                }
+            }
+        }
+        light.unusual |= !has_id;
+        Ok(light)
+    }
+}
+
+/// A string field, `null`, or a number (a whole one as `Some`).
+enum LightField<'a> {
+    Text(std::borrow::Cow<'a, str>),
+    Null,
+    Number(Option<u64>),
+}
+
+impl<'de> Deserialize<'de> for LightField<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = LightField<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(LightField::Text(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(LightField::Text(v.to_string().into()))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LightField::Null)
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(LightField::Number(Some(v)))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(LightField::Number(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LightField::Number(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `metadata` as `Host` accepts it: true for an object (or `null`); false
+/// for anything the full reading must judge.
+struct LightMetadata(bool);
+
+impl<'de> Deserialize<'de> for LightMetadata {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = LightMetadata;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LightMetadata(true))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                Checked::visit_map(Checked, map)?;
+                Ok(LightMetadata(true))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                Checked::visit_seq(Checked, seq)?;
+                Ok(LightMetadata(false))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Any JSON value, read as a `serde_json::Value` would be (numbers and
+/// strings parsed, so the same documents are refused) but not kept.
+#[derive(Clone, Copy)]
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Checked {
+    type Value = Checked;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
 }
 
 /// Reads the top-level array one host at a time, so that loading never
@@ -457,9 +689,31 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut entries = Entries::default();
         let mut by_id = Sharded::default();
-        let mut index = Index::default();
         let mut canonical: Option<bool> = None;
         while let Some(raw) = seq.next_element::<&serde_json::value::RawValue>()? {
+            // Most entries need only their id and keys here: the light
+            // reading checks the rest the way `Host` would read it, without
+            // building it. The first entry (to learn the file's form) and
+            // anything unusual take the full reading.
+            if canonical == Some(true) {
+                if let Ok(light) = serde_json::from_str::<Light>(raw.get()) {
+                    if !light.unusual {
+                        let i = entries.len();
+                        if let Some(&first) = by_id.get(&light.id) {
+                            *self.duplicate = Some((light.id, first, i));
+                            return Err(serde::de::Error::custom("duplicate host id"));
+                        }
+                        by_id.insert(light.id, i);
+                        self.db.max_id = self.db.max_id.max(light.id);
+                        self.db.legacy_bootids += usize::from(light.bootid);
+                        entries.push(Entry {
+                            id: light.id,
+                            json: raw.get().into(),
+                        });
+                        continue;
+                    }
+                }
+            }
             let host: Host = match serde_json::from_str(raw.get()) {
                 Ok(h) => h,
                 Err(e) => {
@@ -493,9 +747,6 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
                 return Err(serde::de::Error::custom("duplicate host id"));
             }
             by_id.insert(host.id, i);
-            for key in keys_of(&host, &self.db.placeholders) {
-                index.add(key, host.id);
-            }
             self.db.max_id = self.db.max_id.max(host.id);
             if host.extra.contains_key("bootid") {
                 self.db.legacy_bootids += 1;
@@ -518,10 +769,8 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
             entries.push(entry);
         }
         by_id.shrink_to_fit();
-        index.shrink_to_fit();
         self.db.entries = entries;
         self.db.by_id = by_id;
-        self.db.index = index;
         Ok(())
     }
 }
@@ -636,7 +885,28 @@ impl Database {
 
     /// The ids of the hosts that carry a key.
     pub fn lookup(&self, key: &Key) -> &[u64] {
-        self.index.lookup(key)
+        self.index().lookup(key)
+    }
+
+    /// The key index, built on first use: a command that finds its hosts
+    /// by id never pays for it.
+    fn index(&self) -> &Index {
+        self.index.get_or_init(|| {
+            let mut index = Index::default();
+            for e in self.entries.iter() {
+                let keys = match serde_json::from_str::<Light>(&e.json) {
+                    Ok(l) if !l.unusual => {
+                        keys_from(&l.macs, &l.serial, &l.uuid, &self.placeholders)
+                    }
+                    _ => keys_of(&e.host(), &self.placeholders),
+                };
+                for key in keys {
+                    index.add(key, e.id);
+                }
+            }
+            index.shrink_to_fit();
+            index
+        })
     }
 
     /// The id a new host gets: one more than the highest in use.
@@ -668,8 +938,10 @@ impl Database {
         }
         let i = self.entries.len();
         let id = host.id;
-        for key in keys_of(&host, &self.placeholders) {
-            self.index.add(key, id);
+        if let Some(index) = self.index.get_mut() {
+            for key in keys_of(&host, &self.placeholders) {
+                index.add(key, id);
+            }
         }
         self.entries.push(Entry::new(&host));
         self.by_id.insert(id, i);
@@ -687,14 +959,16 @@ impl Database {
         let result = f(&mut host);
         host.id = id;
         if host != before {
-            let old_keys = keys_of(&before, &self.placeholders);
-            let new_keys = keys_of(&host, &self.placeholders);
-            if old_keys != new_keys {
-                for k in &old_keys {
-                    self.index.remove(k, id);
-                }
-                for k in new_keys {
-                    self.index.add(k, id);
+            if let Some(index) = self.index.get_mut() {
+                let old_keys = keys_of(&before, &self.placeholders);
+                let new_keys = keys_of(&host, &self.placeholders);
+                if old_keys != new_keys {
+                    for k in &old_keys {
+                        index.remove(k, id);
+                    }
+                    for k in new_keys {
+                        index.add(k, id);
+                    }
                 }
             }
             self.entries.set(i, Entry::new(&host));
@@ -707,8 +981,10 @@ impl Database {
     pub fn remove(&mut self, id: u64) -> Option<Host> {
         let i = *self.by_id.get(&id)?;
         let host = self.entries.get(i).host();
-        for k in keys_of(&host, &self.placeholders) {
-            self.index.remove(&k, id);
+        if let Some(index) = self.index.get_mut() {
+            for k in keys_of(&host, &self.placeholders) {
+                index.remove(&k, id);
+            }
         }
         self.entries.remove(i);
         self.by_id.remove(&id);
@@ -750,11 +1026,16 @@ pub fn set_path(map: &mut Map<String, Value>, path: &[String], value: Value) -> 
 
 /// The identity keys of a host, placeholders left out.
 pub fn keys_of(host: &Host, placeholders: &Placeholders) -> Vec<Key> {
-    let mut keys: Vec<Key> = host.mac_list().into_iter().map(Key::Mac).collect();
-    if let Some(s) = placeholders.serial_key(&host.serial) {
+    keys_from(&host.macs, &host.serial, &host.uuid, placeholders)
+}
+
+/// The identity keys of a host's `macs`, `serial` and `uuid` fields.
+fn keys_from(macs: &str, serial: &str, uuid: &str, placeholders: &Placeholders) -> Vec<Key> {
+    let mut keys: Vec<Key> = parse_mac_list(macs).0.into_iter().map(Key::Mac).collect();
+    if let Some(s) = placeholders.serial_key(serial) {
         keys.push(Key::Serial(s));
     }
-    if let Some(u) = placeholders.uuid_key(&host.uuid) {
+    if let Some(u) = placeholders.uuid_key(uuid) {
         keys.push(Key::Uuid(u));
     }
     keys
@@ -938,6 +1219,51 @@ mod tests {
         assert!(d.lookup(&sn).is_empty());
         d.update(2, |h| h.uuid = String::new());
         assert!(d.lookup(&uuid).is_empty());
+    }
+
+    /// The light reading at load time (see [`Light`]) accepts exactly what
+    /// the full reading accepts, and finds the same keys: each odd entry
+    /// follows a canonical first host, so it takes the light path.
+    #[test]
+    fn the_light_reading_agrees_with_the_full_reading() {
+        let first = Entry::new(&Host::new(1, &[], "S-first", "", "new"));
+        let odd = [
+            r#"{"id": 2, "macs": "52:54:00:00:00:02", "serial": "S\u0032", "uuid": "{0123456789ABCDEF0123456789ABCDEF}"}"#,
+            r#"{"id": 2, "serial": 12345}"#,
+            r#"{"id": "2", "serial": "S2"}"#,
+            r#"{"id": 2, "id": 3}"#,
+            r#"{"id": 2, "metadata": " "}"#,
+            r#"{"id": 2, "metadata": "x"}"#,
+            r#"{"id": 2, "metadata": [1]}"#,
+            r#"{"id": 2, "rack": 1e400}"#,
+            r#"{"id": 2, "metadata": {"a": 1e400}}"#,
+            r#"{"id": 2, "hostname": ["a"]}"#,
+            r#"{"id": 2, "hostname": null, "state": 7, "bootid": "x"}"#,
+            r#"{"id": -2}"#,
+            r#"{"serial": "S2"}"#,
+            r#"[2]"#,
+            r#"{"id": 2, "extra": {"deep": [[[{"k": "\ud800"}]]]}}"#,
+        ];
+        for entry in odd {
+            let text = format!("[\n    {},\n    {entry}\n]\n", first.json);
+            let placeholders = Arc::new(Placeholders::default());
+            let light = Database::parse(text.as_bytes(), placeholders.clone());
+            let full = serde_json::from_str::<Vec<Host>>(&text);
+            assert_eq!(light.is_ok(), full.is_ok(), "{entry}: {light:?} / {full:?}");
+            if let (Ok(db), Ok(hosts)) = (light, full) {
+                for h in &hosts {
+                    for key in keys_of(h, &placeholders) {
+                        assert_eq!(db.lookup(&key), [h.id], "{entry}: {key}");
+                    }
+                    assert_eq!(db.get(h.id).as_ref(), Some(h), "{entry}");
+                }
+                let bootids = hosts
+                    .iter()
+                    .filter(|h| h.extra.contains_key("bootid"))
+                    .count();
+                assert_eq!(db.legacy_bootids(), bootids, "{entry}");
+            }
+        }
     }
 
     #[test]
