@@ -246,7 +246,7 @@ fn uuid_bits(uuid: &str) -> Option<u128> {
 }
 
 /// How many copy-on-write shards each index map is split into.
-const SHARDS: usize = 64;
+const SHARDS: usize = 256;
 
 /// A hash map split into shards that clones of the database share, so
 /// that adding a host copies one shard of each index, not the whole index.
@@ -314,7 +314,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Sharded<K, V> {
 #[derive(Debug, Clone, Default)]
 struct Index {
     macs: Sharded<Mac, u64>,
-    serials: Sharded<Box<str>, u64>,
+    serials: Sharded<Arc<str>, u64>,
     uuids: Sharded<u128, u64>,
     shared: Arc<HashMap<Key, Vec<u64>>>,
 }
@@ -345,7 +345,7 @@ impl Index {
     fn put_single(&mut self, key: Key, id: u64) {
         match key {
             Key::Mac(m) => self.macs.insert(m, id),
-            Key::Serial(s) => self.serials.insert(s.into_boxed_str(), id),
+            Key::Serial(s) => self.serials.insert(Arc::from(s), id),
             Key::Uuid(u) => match uuid_bits(&u) {
                 Some(b) => self.uuids.insert(b, id),
                 // Not a canonical UUID (never produced by `uuid_key`).
@@ -425,6 +425,15 @@ pub struct Database {
     changed: bool,
     /// Hosts whose JSON still has the `bootid` field of earlier versions.
     legacy_bootids: usize,
+    /// Whether [`Self::write_json`] writes exactly the bytes this database
+    /// was read from (or was last saved as), so that new hosts can be
+    /// appended to the file in place ([`Self::write_tail`]).
+    verbatim: bool,
+    /// How many hosts there were at [`Self::clear_changed`], and whether
+    /// one of them was changed or removed since: if not, the change only
+    /// appended hosts.
+    base_len: usize,
+    rewritten: bool,
 }
 
 /// Why a JSON document is not a host database.
@@ -690,7 +699,18 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
         let mut entries = Entries::default();
         let mut by_id = Sharded::default();
         let mut canonical: Option<bool> = None;
+        // Whether the text between the entries is what `write_json` puts
+        // there, so that writing the database gives back the same bytes.
+        let mut framed = true;
+        let mut prev_end: Option<usize> = None;
         while let Some(raw) = seq.next_element::<&serde_json::value::RawValue>()? {
+            let start = (raw.get().as_ptr() as usize).wrapping_sub(self.text.as_ptr() as usize);
+            framed = framed
+                && match prev_end {
+                    None => self.text.get(..start) == Some(b"[\n    ".as_slice()),
+                    Some(end) => self.text.get(end..start) == Some(b",\n    ".as_slice()),
+                };
+            prev_end = Some(start + raw.get().len());
             // Most entries need only their id and keys here: the light
             // reading checks the rest the way `Host` would read it, without
             // building it. The first entry (to learn the file's form) and
@@ -769,6 +789,10 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
             entries.push(entry);
         }
         by_id.shrink_to_fit();
+        self.db.verbatim = canonical == Some(true)
+            && framed
+            && prev_end.and_then(|end| self.text.get(end..)) == Some(b"\n]\n".as_slice());
+        self.db.base_len = entries.len();
         self.db.entries = entries;
         self.db.by_id = by_id;
         Ok(())
@@ -923,6 +947,33 @@ impl Database {
     /// Forgets earlier changes, e.g. once they are saved.
     pub fn clear_changed(&mut self) {
         self.changed = false;
+        self.base_len = self.entries.len();
+        self.rewritten = false;
+    }
+
+    /// When the changes since [`Self::clear_changed`] only added hosts to a
+    /// database whose file is [verbatim](Self::write_json): how many hosts
+    /// there were before, for [`Self::write_tail`].
+    pub fn appended_from(&self) -> Option<usize> {
+        (self.changed && !self.rewritten && self.verbatim && self.base_len > 0)
+            .then_some(self.base_len)
+    }
+
+    /// Marks the database as what its file now holds, byte for byte (it
+    /// was just written by [`Self::write_json`] or [`Self::write_tail`]).
+    pub fn set_verbatim(&mut self) {
+        self.verbatim = true;
+    }
+
+    /// What turns the file of the first `from` hosts (at least one) into
+    /// the file of all of them: the bytes to write over its last three
+    /// (`"\n]\n"`).
+    pub fn write_tail(&self, from: usize, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for e in self.entries.iter().skip(from) {
+            w.write_all(b",\n    ")?;
+            w.write_all(e.json.as_bytes())?;
+        }
+        w.write_all(b"\n]\n")
     }
 
     /// How many hosts, when loaded, still had the `bootid` field of earlier
@@ -973,6 +1024,7 @@ impl Database {
             }
             self.entries.set(i, Entry::new(&host));
             self.changed = true;
+            self.rewritten |= i < self.base_len;
         }
         Some(result)
     }
@@ -987,6 +1039,7 @@ impl Database {
             }
         }
         self.entries.remove(i);
+        self.rewritten = true;
         self.by_id.remove(&id);
         for pos in self.by_id.values_mut() {
             if *pos > i {
