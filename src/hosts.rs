@@ -33,61 +33,99 @@ pub const STATE_FINISHED: &str = "finished";
 pub const STATE_DISCOVER: &str = "discover";
 
 /// One machine.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Host {
-    #[serde(deserialize_with = "de_id")]
     pub id: u64,
-    #[serde(default, deserialize_with = "de_string")]
     pub macs: String,
-    #[serde(default, deserialize_with = "de_string")]
     pub serial: String,
-    #[serde(default, deserialize_with = "de_string")]
     pub uuid: String,
-    #[serde(default, deserialize_with = "de_string")]
     pub hostname: String,
-    #[serde(default, deserialize_with = "de_string")]
     pub state: String,
-    #[serde(default, deserialize_with = "de_metadata")]
     pub metadata: Map<String, Value>,
     /// Fields written by other tools; kept as they are.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-fn de_id<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    match Value::deserialize(d)? {
+/// Read by hand rather than derived: serde's `flatten` (for `extra`)
+/// buffers every field of every host before reading it, which made
+/// reading a host several times slower than the JSON parse itself.
+impl<'de> Deserialize<'de> for Host {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Host;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a host object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Host, A::Error> {
+                use serde::de::Error;
+                let mut id = None;
+                let mut host = Host::new(0, &[], "", "", "");
+                host.hostname.clear();
+                while let Some(key) = map.next_key::<String>()? {
+                    let field = match key.as_str() {
+                        "id" => {
+                            if id.is_some() {
+                                return Err(A::Error::duplicate_field("id"));
+                            }
+                            id = Some(id_from(map.next_value()?).map_err(A::Error::custom)?);
+                            continue;
+                        }
+                        "macs" => &mut host.macs,
+                        "serial" => &mut host.serial,
+                        "uuid" => &mut host.uuid,
+                        "hostname" => &mut host.hostname,
+                        "state" => &mut host.state,
+                        "metadata" => {
+                            host.metadata =
+                                metadata_from(map.next_value()?).map_err(A::Error::custom)?;
+                            continue;
+                        }
+                        _ => {
+                            let value = map.next_value()?;
+                            host.extra.insert(key, value);
+                            continue;
+                        }
+                    };
+                    *field = string_from(map.next_value()?).map_err(A::Error::custom)?;
+                }
+                host.id = id.ok_or_else(|| A::Error::missing_field("id"))?;
+                Ok(host)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn id_from(v: Value) -> Result<u64, String> {
+    match v {
         Value::Number(n) => n
             .as_u64()
-            .ok_or_else(|| serde::de::Error::custom(format!("id {n} is not a whole number"))),
+            .ok_or_else(|| format!("id {n} is not a whole number")),
         Value::String(s) => s
             .trim()
             .parse()
-            .map_err(|_| serde::de::Error::custom(format!("id {s:?} is not a whole number"))),
-        other => Err(serde::de::Error::custom(format!(
-            "id must be a number, found {other}"
-        ))),
+            .map_err(|_| format!("id {s:?} is not a whole number")),
+        other => Err(format!("id must be a number, found {other}")),
     }
 }
 
-fn de_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    match Value::deserialize(d)? {
+fn string_from(v: Value) -> Result<String, String> {
+    match v {
         Value::Null => Ok(String::new()),
         Value::String(s) => Ok(s),
         Value::Number(n) => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!(
-            "expected a string, found {other}"
-        ))),
+        other => Err(format!("expected a string, found {other}")),
     }
 }
 
-fn de_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
-    match Value::deserialize(d)? {
+fn metadata_from(v: Value) -> Result<Map<String, Value>, String> {
+    match v {
         Value::Null => Ok(Map::new()),
         Value::Object(m) => Ok(m),
         Value::String(s) if s.trim().is_empty() => Ok(Map::new()),
-        other => Err(serde::de::Error::custom(format!(
-            "metadata must be an object, found {other}"
-        ))),
+        other => Err(format!("metadata must be an object, found {other}")),
     }
 }
 
