@@ -679,18 +679,32 @@ impl Inner {
     }
 
     fn read_file(&self) -> (Option<Stamp>, Result<Database, StoreError>) {
-        let (stamp, result) = self.read_file_once();
-        let Err(StoreError::Corrupt { .. }) = &result else {
-            return (stamp, result);
-        };
-        // A file torn by an interrupted append is finished from its record
-        // and read again; any other corrupt file is reported as it is.
-        match self.replay_grow() {
-            Ok(true) => self.read_file_once(),
-            Ok(false) => (stamp, result),
-            Err(e) => {
-                eprintln!("kiwispray: {e}");
-                (stamp, result)
+        let mut tries = 0;
+        loop {
+            let (stamp, result) = self.read_file_once();
+            let Err(StoreError::Corrupt { .. }) = &result else {
+                return (stamp, result);
+            };
+            // Another process's append was under way while this one read
+            // (the file has changed since): read again. A file torn by an
+            // interrupted append is finished from its record and read
+            // again. Any other corrupt file is reported as it is.
+            tries += 1;
+            if tries > 50 {
+                return (stamp, result);
+            }
+            if stat(&self.path).ok().flatten() != stamp {
+                continue;
+            }
+            match self.replay_grow() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => eprintln!("kiwispray: {e}"),
+            }
+            // A record's writer may be between its write and its sync.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            if stat(&self.path).ok().flatten() == stamp {
+                return (stamp, result);
             }
         }
     }
@@ -1192,7 +1206,20 @@ impl Inner {
                 .seek(io::SeekFrom::Start(offset))
                 .and_then(|_| f.write_all(&tail));
             if let Err(e) = written {
-                // The record stays: the next reader finishes the append.
+                // Say a full disk: the file is put back as it was (cutting
+                // it needs no space, nor does rewriting its last bytes),
+                // and the record emptied. Should even that fail, the record
+                // stays, and a reader finishes the append once it can.
+                let restored = f
+                    .set_len(meta.len())
+                    .and_then(|_| f.seek(io::SeekFrom::Start(offset)))
+                    .and_then(|_| f.write_all(b"\n]\n"))
+                    .and_then(|_| f.sync_data());
+                if restored.is_ok() {
+                    if let Ok(g) = OpenOptions::new().write(true).open(self.grow_path()) {
+                        let _ = g.set_len(0);
+                    }
+                }
                 return Err(io_error("save", &self.path, e));
             }
             cache.file = stat(&self.path)?;

@@ -739,9 +739,11 @@ impl Drop for Mount {
     }
 }
 
-/// The root on a tmpfs too small for a second copy of the database:
-/// registrations and CLI changes fail with "No space left on device", the
-/// old database stays byte for byte, and no temp file is left behind.
+/// The root on a tmpfs too small for a second copy of the database, then
+/// filled up: registrations (appended in place) and CLI changes (a second
+/// copy) fail with "No space left on device", the old database stays byte
+/// for byte, and no temp file is left behind. Once there is room again, a
+/// registration is appended.
 #[test]
 fn disk_full_fails_clearly_and_keeps_the_old_database() {
     if !is_root() {
@@ -771,6 +773,18 @@ fn disk_full_fails_clearly_and_keeps_the_old_database() {
     assert!(before.len() > 550 * 1024, "database too small for the test");
     // The socket lives outside the full file system.
     let h = Handler::start(&mnt, &dir.path().join("fcgi.sock"), &[]);
+    // Warm up the store's own files, then fill the file system.
+    let a = fcgi_get(&h.sock, "/bootstrap", b"net0=0c-c4-7a-00-00-01")
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    let filler = mnt.join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    drop(f);
+    let before = fs::read(&db_path).unwrap();
 
     let a = fcgi_get(&h.sock, "/bootstrap", b"net0=52-54-00-dd-00-01")
         .unwrap()
@@ -797,6 +811,19 @@ fn disk_full_fails_clearly_and_keeps_the_old_database() {
         .unwrap()
         .unwrap();
     assert_eq!(a.status, 200, "{}", a.body);
+    // With room again, the registration is appended to the same file.
+    fs::remove_file(&filler).unwrap();
+    let a = fcgi_get(&h.sock, "/bootstrap", b"net0=52-54-00-dd-00-01")
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(load_db(&mnt).len(), 1301);
+    let after = fs::read(&db_path).unwrap();
+    assert_eq!(
+        after[..before.len() - 3],
+        before[..before.len() - 3],
+        "appended in place"
+    );
 }
 
 // ---------------------------------------------------------------- hostile input
