@@ -12,7 +12,10 @@
 #   4. a 1 GiB image download and 64 KiB range requests, vs a plain nginx
 #      server block on the same file;
 #   5. resident memory of kiwispray-fcgi;
-#   6. how the figures scale from 1k to 10k to 100k hosts.
+#   6. how the figures scale from 1k to 10k to 100k hosts;
+#   7. N machines downloading one image at once through an edge server
+#      (nginx/kiwispray-edge.conf) vs straight from the central server,
+#      with the bytes the central server sent (tests/bench/edge.sh).
 #
 # It prints a table and writes it to target/bench/results.md. These are
 # benchmarks: a missed target is reported, not failed. A lost registration,
@@ -262,6 +265,8 @@ machine="$(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' 
         prev=$size
     done
 } >"$OUT/results.md"
+# N machines at once through an edge server vs straight from the center.
+BENCH_DIR=$OUT "$here/edge.sh" ${smoke:+--smoke} >>"$OUT/results.md" || failed=1
 cat "$OUT/results.md"
 say "results in $OUT/results.md"
 [ -z "$failed" ] || die "errors during the run (see above)"
