@@ -73,8 +73,14 @@ EOC
 "$NGINX" -t -q -p "$RUN_DIR" -c "$RUN_DIR/nginx.conf" || die "nginx rejected $RUN_DIR/nginx.conf"
 
 pid=
+stopping=
 stop() {
-    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    [ -n "$stopping" ] && return
+    stopping=1
+    if [ -n "$pid" ]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
     pid=
     [ -n "$own_run_dir" ] && rm -rf "$RUN_DIR"
     say "stopped"
