@@ -232,6 +232,22 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_headers_are_read_and_via_starts_empty() {
+        let mut empty: &[u8] = b"";
+        let v = vars(&[
+            ("REMOTE_ADDR", "10.0.0.2"),
+            ("HTTP_X_FORWARDED_FOR", "6.6.6.6, 10.20.0.100"),
+            ("HTTP_X_REAL_IP", "10.20.0.100"),
+        ]);
+        let req = request_from(v, &mut empty).unwrap();
+        assert_eq!(req.remote, "10.0.0.2");
+        assert_eq!(req.forwarded_for, "6.6.6.6, 10.20.0.100");
+        assert_eq!(req.real_ip, "10.20.0.100");
+        assert_eq!(req.via, "");
+        assert!(VARS.contains(&"HTTP_X_FORWARDED_FOR") && VARS.contains(&"HTTP_X_REAL_IP"));
+    }
+
+    #[test]
     fn bodies_are_bounded_by_content_length() {
         let mut body: &[u8] = b"mac=52-54-00-00-00-01&extra";
         let v = vars(&[("CONTENT_LENGTH", "20")]);
