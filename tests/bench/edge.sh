@@ -114,7 +114,7 @@ wait_port "$edge"
 # after line SINCE of its log.
 upstream_bytes() {
     tail -n +"$(($1 + 1))" "$run/central/access.log" | awk -v f="/images/bench/$2" \
-        '$3 == f { b += $(NF) } END { printf "%d\n", b }'
+        '$3 == f { b += $(NF) } END { printf "%.0f\n", b }'
 }
 lines() {
     local n
