@@ -15,7 +15,7 @@ TEST_PKGS = nginx curl wrk dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-s
 RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 
-.PHONY: all build serve test test-unit test-bench-smoke test-e2e demo lint fmt bench deps-build deps-serve deps-test deps-bench clean man \
+.PHONY: all build serve serve-edge test test-unit test-bench-smoke test-e2e demo lint fmt bench deps-build deps-serve deps-test deps-bench clean man \
 	rpm deps-rpm install
 
 all: build
@@ -50,6 +50,12 @@ build: deps-build
 
 serve: deps-serve build
 	PORT=$(PORT) ROOT=$(ROOT) ./nginx/serve.sh
+
+# An edge server for one rack, in front of the central KIWIspray:
+# make serve-edge UPSTREAM=http://HOST:PORT [PORT=5000] [CACHE=DIR]
+serve-edge:
+	$(call apt_install,nginx)
+	UPSTREAM=$(UPSTREAM) PORT=$(PORT) CACHE=$(CACHE) ./nginx/serve-edge.sh
 
 lint: deps-test
 	$(CARGO) fmt --all -- --check

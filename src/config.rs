@@ -12,7 +12,8 @@
 //!   "max_install_boots": 3,
 //!   "install_deadline_minutes": 60,
 //!   "hold_overdue": false,
-//!   "max_installs": 50
+//!   "max_installs": 50,
+//!   "trusted_proxies": ["10.20.0.2", "10.30.0.2"]
 //! }
 //! ```
 //!
@@ -22,6 +23,8 @@
 //! safety of [`crate::lifecycle::install_decision`]; an image may set its own
 //! deadline in `images/<state>/image.json` (`{"install_deadline_minutes": 90}`).
 //! `max_installs` caps how many hosts install at once (absent: no cap).
+//! `trusted_proxies` lists the edge servers (nginx/kiwispray-edge.conf) whose
+//! `X-Real-IP` / `X-Forwarded-For` name the machine behind them.
 //!
 //! This is also the one place where a state name becomes a path
 //! ([`Config::image_dir`] and the template lists built on it): every caller,
@@ -30,6 +33,7 @@
 use crate::identity::{Placeholders, DEFAULT_PLACEHOLDER_SERIALS, DEFAULT_PLACEHOLDER_UUIDS};
 use crate::store::Store;
 use serde::Deserialize;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 /// The name of the optional settings file in a deployment root.
@@ -66,6 +70,8 @@ struct FileSettings {
     #[serde(default)]
     max_installs: Option<usize>,
     #[serde(default)]
+    trusted_proxies: Vec<String>,
+    #[serde(default)]
     database: Option<PathBuf>,
     #[serde(default)]
     event_log: Option<PathBuf>,
@@ -91,6 +97,9 @@ pub struct Config {
     pub hold_overdue: bool,
     /// How many hosts may install at once (`None`: no limit).
     pub max_installs: Option<usize>,
+    /// Edge servers whose forwarding headers are believed (see
+    /// [`crate::api::forwarded_machine`]); from anyone else they are ignored.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 /// Install boots without a `/finish` before a host is held, unless set.
@@ -163,6 +172,18 @@ impl Config {
                 }
                 m => m,
             },
+            trusted_proxies: settings
+                .trusted_proxies
+                .iter()
+                .map(|a| {
+                    crate::api::parse_address(a).ok_or_else(|| {
+                        format!(
+                            "config {}: trusted_proxies: {a:?} is not an IP address",
+                            path.as_deref().unwrap_or(Path::new(CONFIG_FILE)).display()
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 

@@ -23,8 +23,14 @@ pub struct Event {
     /// `hold`, `release`, `overdue`, `update`, `cli`, ...
     pub cause: String,
     /// The address of the machine or web client that caused it, if known.
+    /// Behind an edge server listed in `trusted_proxies`, the machine's own
+    /// address as the edge reported it.
     #[serde(default)]
     pub remote: String,
+    /// The edge server (a trusted proxy) the request came through; empty
+    /// for a request that reached the central server directly.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub via: String,
     /// What else there is to say, in one line: the attempt and image of an
     /// install boot, the outcome and duration of a finish, the reason of a
     /// failure or hold. Never a secret.
@@ -41,8 +47,15 @@ impl Event {
             to: to.to_string(),
             cause: cause.to_string(),
             remote: remote.to_string(),
+            via: String::new(),
             detail: String::new(),
         }
+    }
+
+    /// The event with the edge server its request came through.
+    pub fn via(mut self, edge: &str) -> Event {
+        self.via = edge.to_string();
+        self
     }
 
     /// The event with a detail line.
@@ -147,6 +160,11 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         append(&path, &[Event::now(1, "", "new", "register", "10.0.0.5")]).unwrap();
         append(&path, &[Event::now(2, "new", "img", "cli", "")]).unwrap();
+        append(
+            &path,
+            &[Event::now(2, "img", "img", "finish", "10.0.1.5").via("10.0.0.2")],
+        )
+        .unwrap();
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -154,9 +172,12 @@ mod tests {
             .write_all(b"garbage\n")
             .unwrap();
         let (all, bad) = read(&path, None).unwrap();
-        assert_eq!((all.len(), bad), (2, 1));
-        let (one, _) = read(&path, Some(2)).unwrap();
-        assert_eq!(one[0].to, "img");
+        assert_eq!((all.len(), bad), (3, 1));
+        let (two, _) = read(&path, Some(2)).unwrap();
+        assert_eq!(two[0].to, "img");
+        assert_eq!((two[0].via.as_str(), two[1].via.as_str()), ("", "10.0.0.2"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().next().is_some_and(|l| !l.contains("via")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

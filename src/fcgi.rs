@@ -39,6 +39,9 @@ pub fn request_from(
         body: Vec::new(),
         content_type: get("CONTENT_TYPE"),
         remote: get("REMOTE_ADDR"),
+        via: String::new(),
+        forwarded_for: get("HTTP_X_FORWARDED_FOR"),
+        real_ip: get("HTTP_X_REAL_IP"),
         host_header: get("HTTP_HOST"),
         server_addr: get("SERVER_ADDR"),
         server_port: get("SERVER_PORT"),
@@ -102,6 +105,8 @@ const VARS: &[&str] = &[
     "CONTENT_TYPE",
     "CONTENT_LENGTH",
     "REMOTE_ADDR",
+    "HTTP_X_FORWARDED_FOR",
+    "HTTP_X_REAL_IP",
     "HTTP_HOST",
     "SERVER_ADDR",
     "SERVER_PORT",
@@ -224,6 +229,22 @@ mod tests {
         );
         let uri = vars(&[("REQUEST_URI", "/state?id=1")]);
         assert_eq!(request_from(uri, &mut empty).unwrap().path, "/state");
+    }
+
+    #[test]
+    fn forwarding_headers_are_read_and_via_starts_empty() {
+        let mut empty: &[u8] = b"";
+        let v = vars(&[
+            ("REMOTE_ADDR", "10.0.0.2"),
+            ("HTTP_X_FORWARDED_FOR", "6.6.6.6, 10.20.0.100"),
+            ("HTTP_X_REAL_IP", "10.20.0.100"),
+        ]);
+        let req = request_from(v, &mut empty).unwrap();
+        assert_eq!(req.remote, "10.0.0.2");
+        assert_eq!(req.forwarded_for, "6.6.6.6, 10.20.0.100");
+        assert_eq!(req.real_ip, "10.20.0.100");
+        assert_eq!(req.via, "");
+        assert!(VARS.contains(&"HTTP_X_FORWARDED_FOR") && VARS.contains(&"HTTP_X_REAL_IP"));
     }
 
     #[test]

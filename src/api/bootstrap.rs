@@ -90,9 +90,10 @@ impl Service {
             Response::error(500, format!("cannot create a bootid: {e}"))
         })?;
         let config = self.config.clone();
+        let via = req.via.clone();
         let outcome = self
             .store
-            .modify(move |txn| boot_change(txn, &config, report, bootid, seen))
+            .modify(move |txn| boot_change(txn, &config, report, bootid, seen, &via))
             .map_err(|e| store_failure(&e))?;
         Ok(match outcome {
             BootOutcome::Conflict(matched) => {
@@ -112,7 +113,11 @@ impl Service {
                 if registered {
                     log(&format!(
                         "registered host {} (MACs {}, serial {:?}) from {} as {}",
-                        host.id, host.macs, host.serial, req.remote, host.state
+                        host.id,
+                        host.macs,
+                        host.serial,
+                        req.origin(),
+                        host.state
                     ));
                 }
                 crate::metrics::count_boot(super::metrics::boot_outcome(&host, &rt, registered));
@@ -174,7 +179,7 @@ impl Service {
         let lines = lifecycle::describe_conflict(matched);
         log(&format!(
             "conflict: machine at {} matches several hosts: {}; nothing changed",
-            req.remote,
+            req.origin(),
             lines.join("; ")
         ));
         let mut msg =
@@ -336,6 +341,7 @@ fn boot_change(
     report: Report,
     bootid: String,
     seen: Seen,
+    via: &str,
 ) -> BootOutcome {
     let remote = seen.remote.clone();
     let now = seen.at;
@@ -348,7 +354,7 @@ fn boot_change(
             let uuid = crate::identity::canonical_uuid(&report.uuid).unwrap_or(report.uuid);
             let host = Host::new(id, &report.macs, &report.serial, &uuid, &state);
             txn.db.insert(host.clone()).expect("fresh id");
-            txn.record(Event::now(id, "", &state, "register", &remote));
+            txn.record(Event::now(id, "", &state, "register", &remote).via(via));
             let rt = txn.update_runtime(id, |rt| {
                 rt.seen = Some(seen);
                 rt.clone()
@@ -435,6 +441,7 @@ fn boot_change(
                     }
                     txn.record(
                         Event::now(id, &host.state, &host.state, "install-boot", &remote)
+                            .via(via)
                             .with_detail(detail),
                     );
                     rt
@@ -451,6 +458,7 @@ fn boot_change(
                     });
                     txn.record(
                         Event::now(id, &host.state, &host.state, "hold", &remote)
+                            .via(via)
                             .with_detail(format!("{}: {reason}", cause.as_str())),
                     );
                     rt

@@ -24,7 +24,7 @@ impl Service {
         let snap = self.snapshot()?;
         check_installing(&snap.db, &snap.rt, id, &bootid)?;
         drop(snap);
-        let remote = req.remote.clone();
+        let (remote, via) = (req.remote.clone(), req.via.clone());
         let why = reason.clone();
         let result = self
             .store
@@ -41,10 +41,12 @@ impl Service {
                 });
                 txn.record(
                     Event::now(id, &host.state, &host.state, "fail", &remote)
+                        .via(&via)
                         .with_detail(format!("{attempt}{why}")),
                 );
                 txn.record(
                     Event::now(id, &host.state, &host.state, "hold", &remote)
+                        .via(&via)
                         .with_detail(format!("failed: {why}")),
                 );
                 Ok(host.state)
@@ -53,7 +55,7 @@ impl Service {
         let state = result?;
         log(&format!(
             "host {id}: install of {state:?} failed (from {}): {reason}; held until `kiwispray-hosts release {id}`",
-            req.remote
+            req.origin()
         ));
         Ok(Response::text(200, format!("held: {reason}")))
     }

@@ -19,7 +19,7 @@ impl Service {
         let snap = self.snapshot()?;
         check_installing(&snap.db, &snap.rt, id, &bootid)?;
         drop(snap);
-        let remote = req.remote.clone();
+        let (remote, via) = (req.remote.clone(), req.via.clone());
         let result = self
             .store
             .modify(move |txn| -> Result<(String, String), Response> {
@@ -48,14 +48,18 @@ impl Service {
                     ),
                     None => "finished".to_string(),
                 };
-                txn.record(Event::now(id, &from, &to, "finish", &remote).with_detail(detail));
+                txn.record(
+                    Event::now(id, &from, &to, "finish", &remote)
+                        .via(&via)
+                        .with_detail(detail),
+                );
                 Ok((from, to))
             })
             .map_err(|e| store_failure(&e))?;
         let (from, to) = result?;
         log(&format!(
             "host {id}: finished {from:?}, now {to:?} (from {})",
-            req.remote
+            req.origin()
         ));
         Ok(Response::text(200, to))
     }

@@ -37,6 +37,7 @@ use crate::store::{Snapshot, Store, StoreError};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -58,8 +59,16 @@ pub struct Request {
     pub query: String,
     pub body: Vec<u8>,
     pub content_type: String,
-    /// The client's address.
+    /// The client's address: the machine's own, also behind a trusted edge
+    /// server (see [`forwarded_machine`]).
     pub remote: String,
+    /// The trusted edge server the request came through (its address, the
+    /// web server's `REMOTE_ADDR`); empty for a direct request.
+    pub via: String,
+    /// The `X-Forwarded-For` and `X-Real-IP` headers as sent; believed only
+    /// from a trusted edge.
+    pub forwarded_for: String,
+    pub real_ip: String,
     /// The `Host` header.
     pub host_header: String,
     /// The server address and port the request came in on.
@@ -68,6 +77,18 @@ pub struct Request {
     /// The status of a refused request the web server hands to its error
     /// handler (`REDIRECT_STATUS`), if any.
     pub redirect_status: String,
+}
+
+impl Request {
+    /// Where the request came from, for log lines: `10.0.1.5`, or
+    /// `10.0.1.5 via edge 10.0.0.2`.
+    pub fn origin(&self) -> String {
+        if self.via.is_empty() {
+            self.remote.clone()
+        } else {
+            format!("{} via edge {}", self.remote, self.via)
+        }
+    }
 }
 
 /// A response, written as a CGI response by the adapters.
@@ -301,6 +322,8 @@ impl Service {
     /// by the adapter and answered with a 500.
     pub fn handle(&self, req: &Request) -> Response {
         let started = std::time::Instant::now();
+        let forwarded = self.through_edge(req);
+        let req = forwarded.as_ref().unwrap_or(req);
         let response = self.route(req);
         crate::metrics::count_request(
             metrics::path_label(&req.path),
@@ -309,6 +332,25 @@ impl Service {
         );
         crate::metrics::flush_if_due(&self.metrics_file());
         response
+    }
+
+    /// A request from a trusted edge server, with the machine behind it as
+    /// `remote` and the edge as `via`; `None` when the request is to be
+    /// taken as it is (a direct request, or one from an edge that named no
+    /// machine).
+    fn through_edge(&self, req: &Request) -> Option<Request> {
+        if self.config.trusted_proxies.is_empty() {
+            return None;
+        }
+        let machine = forwarded_machine(
+            &req.remote,
+            &req.real_ip,
+            &req.forwarded_for,
+            &self.config.trusted_proxies,
+        )?;
+        let mut r = req.clone();
+        r.via = std::mem::replace(&mut r.remote, machine);
+        Some(r)
     }
 
     /// The shared file of the counters that `/metrics` reports.
@@ -419,6 +461,9 @@ impl Service {
                 }
             }
             request.insert("remote".into(), req.remote.clone().into());
+            if !req.via.is_empty() {
+                request.insert("via".into(), req.via.clone().into());
+            }
             ctx.insert("request".into(), Value::Object(request));
         }
         ctx.insert("HOST_DATA".into(), ipxe_safe(&data.join(" ")).into());
@@ -528,6 +573,52 @@ pub fn server_address(req: &Request) -> (String, String) {
     (ip, fallback_port)
 }
 
+/// An IP address as a web server or proxy writes it: `10.0.1.5`, `::1`,
+/// `[fe80::1]`, with or without a port (`10.0.1.5:4711`, `[::1]:80`); an
+/// IPv4-mapped IPv6 address becomes the IPv4 address.
+pub fn parse_address(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    let ip = s
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            s.strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|r| r.parse().ok())
+        })?;
+    Some(ip.to_canonical())
+}
+
+/// The machine behind an edge server: when `remote` (the peer the web
+/// server saw) is one of `trusted`, the last hop of `X-Forwarded-For` that
+/// is not itself a trusted proxy, else `X-Real-IP`. `None` when `remote` is
+/// not trusted (the headers of anyone else are ignored: a machine could
+/// send anything), or the trusted edge named no valid address. A hop that
+/// is not an address ends the walk: what lies before it cannot be trusted.
+pub fn forwarded_machine(
+    remote: &str,
+    real_ip: &str,
+    forwarded_for: &str,
+    trusted: &[IpAddr],
+) -> Option<String> {
+    let peer = parse_address(remote)?;
+    if !trusted.contains(&peer) {
+        return None;
+    }
+    let from_xff = forwarded_for
+        .rsplit(',')
+        .map(str::trim)
+        .filter(|hop| !hop.is_empty())
+        .map(parse_address)
+        .take_while(Option::is_some)
+        .flatten()
+        .find(|ip| !trusted.contains(ip));
+    from_xff
+        .or_else(|| parse_address(real_ip).filter(|ip| !trusted.contains(ip)))
+        .map(|ip| ip.to_string())
+}
+
 /// Text that iPXE's `echo` prints as it is: no setting expansion, no
 /// `&&`/`||` that would chain a command, no control characters.
 pub fn ipxe_safe(s: &str) -> String {
@@ -618,6 +709,84 @@ mod tests {
         r.host_header = String::new();
         r.server_addr = "::1".into();
         assert_eq!(server_address(&r), ("[::1]".into(), "5000".into()));
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn addresses_with_ports_brackets_and_mapped_v4() {
+        assert_eq!(
+            parse_address(" 10.0.1.5 "),
+            Some("10.0.1.5".parse().unwrap())
+        );
+        assert_eq!(
+            parse_address("10.0.1.5:4711"),
+            Some("10.0.1.5".parse().unwrap())
+        );
+        assert_eq!(
+            parse_address("[fe80::1]:80"),
+            Some("fe80::1".parse().unwrap())
+        );
+        assert_eq!(parse_address("[fe80::1]"), Some("fe80::1".parse().unwrap()));
+        assert_eq!(
+            parse_address("::ffff:10.0.0.2"),
+            Some("10.0.0.2".parse().unwrap())
+        );
+        for bad in [
+            "",
+            "unknown",
+            "10.0.1",
+            "10.0.1.5; reboot",
+            "[10.0.1.5]x",
+            "::1::2",
+        ] {
+            assert_eq!(parse_address(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_are_believed_from_trusted_edges_only() {
+        let edges = ips(&["10.0.0.2", "10.0.0.3"]);
+        // an edge: X-Real-IP alone, or its X-Forwarded-For
+        assert_eq!(
+            forwarded_machine("10.0.0.2", "10.20.0.100", "", &edges),
+            Some("10.20.0.100".into())
+        );
+        assert_eq!(
+            forwarded_machine("::ffff:10.0.0.3", "", "10.30.0.7", &edges),
+            Some("10.30.0.7".into())
+        );
+        // the last untrusted hop wins over what the machine forged in front
+        // of it, and over X-Real-IP
+        assert_eq!(
+            forwarded_machine("10.0.0.2", "10.20.0.9", "6.6.6.6, 10.20.0.100", &edges),
+            Some("10.20.0.100".into())
+        );
+        // two trusted edges in a row are skipped
+        assert_eq!(
+            forwarded_machine("10.0.0.2", "", "10.20.0.100, 10.0.0.3", &edges),
+            Some("10.20.0.100".into())
+        );
+        // a garbage hop ends the walk; X-Real-IP is the fallback
+        assert_eq!(
+            forwarded_machine("10.0.0.2", "10.20.0.100", "10.20.0.1, junk", &edges),
+            Some("10.20.0.100".into())
+        );
+        assert_eq!(forwarded_machine("10.0.0.2", "junk", "junk", &edges), None);
+        assert_eq!(forwarded_machine("10.0.0.2", "", "", &edges), None);
+        assert_eq!(
+            forwarded_machine("10.0.0.2", "10.0.0.3", "10.0.0.3", &edges),
+            None
+        );
+        // anyone else: the headers are ignored, forged or not
+        assert_eq!(
+            forwarded_machine("10.20.0.100", "1.2.3.4", "1.2.3.4", &edges),
+            None
+        );
+        assert_eq!(forwarded_machine("", "1.2.3.4", "1.2.3.4", &edges), None);
+        assert_eq!(forwarded_machine("10.0.0.2", "1.2.3.4", "", &[]), None);
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl Service {
         let snap = self.snapshot()?;
         check(&snap.db, &snap.rt, &macs)?;
         drop(snap);
-        let remote = req.remote.clone();
+        let (remote, via) = (req.remote.clone(), req.via.clone());
         let result = self
             .store
             .modify(move |txn| -> Result<String, Response> {
@@ -111,7 +111,7 @@ impl Service {
                         h.state.clone()
                     })
                     .expect("checked");
-                txn.record(Event::now(id, &state, &state, "update", &remote));
+                txn.record(Event::now(id, &state, &state, "update", &remote).via(&via));
                 Ok(state)
             })
             .map_err(|e| store_failure(&e))?;

@@ -120,6 +120,11 @@ pub fn event_line(e: &Event) -> String {
     } else {
         format!(" from {}", cell(&e.remote))
     };
+    let remote = if e.via.is_empty() {
+        remote
+    } else {
+        format!("{remote} via edge {}", cell(&e.via))
+    };
     let detail = if e.detail.is_empty() {
         String::new()
     } else {

@@ -19,7 +19,10 @@
 #   8. the CLI on the same database: a single-host command (by id, and by
 #      MAC, which builds the key index), a bulk `set --where` of 1,000
 #      hosts, and `import-inventory` of 10,000 rows (half updates of
-#      existing hosts, half new ones), each as one write.
+#      existing hosts, half new ones), each as one write;
+#   9. N machines downloading one image at once through an edge server
+#      (nginx/kiwispray-edge.conf) vs straight from the central server,
+#      with the bytes the central server sent (tests/bench/edge.sh).
 #
 # It prints a table and writes it to target/bench/results.md. These are
 # benchmarks: a missed target is reported, not failed. A lost registration,
@@ -326,6 +329,8 @@ machine="$(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' 
         prev=$size
     done
 } >"$OUT/results.md"
+# N machines at once through an edge server vs straight from the center.
+BENCH_DIR=$OUT "$here/edge.sh" ${smoke:+--smoke} >>"$OUT/results.md" || failed=1
 cat "$OUT/results.md"
 say "results in $OUT/results.md"
 [ -z "$failed" ] || die "errors during the run (see above)"
