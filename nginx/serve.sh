@@ -40,6 +40,8 @@ ROOT=$(cd "$ROOT" && pwd)
 if [ "$ROOT" != "$here" ]; then
     [ -d "$ROOT/templates" ] || { cp -a "$here/templates" "$ROOT/templates"; say "filled $ROOT/templates"; }
     [ -d "$ROOT/images" ] || { cp -a "$here/images" "$ROOT/images"; say "filled $ROOT/images"; }
+    # iPXE for UEFI HTTP boot: links to the ipxe package's EFI binaries
+    [ -d "$ROOT/boot" ] || { cp -a "$here/boot" "$ROOT/boot"; say "filled $ROOT/boot"; }
 fi
 [ -e "$ROOT/known_hosts.json" ] || { echo '[]' > "$ROOT/known_hosts.json"; say "created $ROOT/known_hosts.json"; }
 
