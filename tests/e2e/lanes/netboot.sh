@@ -37,12 +37,14 @@ nb_setup() {
     if wanted 21 22; then nb_bed_up nb6 6 || return 1; fi
 }
 
-# nb_bed_up NAME 4|6: namespace kse2e-<pid>-NAME with br0 and the stack
-# (serve.sh without DHCP), and dnsmasq with the shipped config adapted only
-# in interface, range and server address:
-#  4: dnsmasq/kiwispray.conf on $SERVER_IP with its TFTP lines removed;
-#  6: dnsmasq/kiwispray-ipv6.conf on $NB6_IP/64, br0 without IPv4.
-# Config, log and leases: $WORK/NAME/run/dnsmasq-nb.{conf,log,leases}.
+# nb_bed_up NAME 4|6: namespace kse2e-<pid>-NAME with br0 and the stack,
+# and dnsmasq with the shipped config adapted only in interface, range and
+# server address:
+#  4: serve.sh without DHCP, and dnsmasq/kiwispray.conf on $SERVER_IP with
+#     its TFTP lines removed, run here;
+#  6: br0 with $NB6_IP/64 and no IPv4; serve.sh runs dnsmasq with
+#     dnsmasq/kiwispray-ipv6.conf (DHCP_CONF), as `make serve` would.
+# Config and log: $WORK/NAME/run/dnsmasq-nb.{conf,log}.
 nb_bed_up() {
     local name=$1 fam=$2 ns=kse2e-$$-$1 dir=$WORK/$1
     local run=$dir/run base
@@ -52,12 +54,15 @@ nb_bed_up() {
     ip -n "$ns" link set lo up
     # no multicast snooping: router solicitations, RAs and DHCPv6 are multicast
     ip -n "$ns" link add br0 type bridge forward_delay 0 mcast_snooping 0
+    local envs=("PORT=$SERVER_PORT" "ROOT=$dir/root" "RUN_DIR=$run")
     if [ "$fam" = 6 ]; then
         ip -n "$ns" addr add "$NB6_IP/64" dev br0 nodad
         base="http://[$NB6_IP]:$SERVER_PORT"
-        sed -e "s#^interface=.*#interface=br0#" -e "s#fd00:100::#${NB6_IP%1}#g" \
-            -e "s#\]:5000/#]:$SERVER_PORT/#g" \
-            "$E2E_REPO/dnsmasq/kiwispray-ipv6.conf" >"$run/dnsmasq-nb.conf"
+        # serve.sh runs dnsmasq with kiwispray-ipv6.conf, as `make serve` does
+        envs+=(DHCP_IFACE=br0 DHCP_CONF=kiwispray-ipv6.conf "SERVER_IP=$NB6_IP"
+               "DHCP_RANGE=${NB6_IP%1}100,${NB6_IP%1}1ff,slaac,64,1h")
+        ln -s dnsmasq.conf "$run/dnsmasq-nb.conf"
+        ln -s dnsmasq.log "$run/dnsmasq-nb.log"
     else
         ip -n "$ns" addr add "$SERVER_IP/24" dev br0
         base="http://$SERVER_IP:$SERVER_PORT"
@@ -68,22 +73,24 @@ nb_bed_up() {
     fi
     ip -n "$ns" link set br0 up
     seed_root "$dir/root"
-    ip netns exec "$ns" env "PORT=$SERVER_PORT" "ROOT=$dir/root" "RUN_DIR=$run" \
+    ip netns exec "$ns" env "${envs[@]}" \
         "$E2E_REPO/nginx/serve.sh" >"$dir/serve.log" 2>&1 </dev/null &
     echo $! >"$dir/serve.pid"
-    ip netns exec "$ns" dnsmasq --keep-in-foreground --conf-file="$run/dnsmasq-nb.conf" \
-        --pid-file="$run/dnsmasq-nb.pid" --dhcp-leasefile="$run/dnsmasq-nb.leases" \
-        --log-facility="$run/dnsmasq-nb.log" >"$run/dnsmasq-nb.out" 2>&1 </dev/null &
-    echo $! >"$dir/dnsmasq-nb.ownpid"
+    if [ "$fam" = 4 ]; then
+        ip netns exec "$ns" dnsmasq --keep-in-foreground --conf-file="$run/dnsmasq-nb.conf" \
+            --pid-file="$run/dnsmasq-nb.pid" --dhcp-leasefile="$run/dnsmasq-nb.leases" \
+            --log-facility="$run/dnsmasq-nb.log" >"$run/dnsmasq-nb.out" 2>&1 </dev/null &
+        echo $! >"$dir/dnsmasq-nb.ownpid"
+    fi
     local i
     for i in $(seq 100); do
         if ip netns exec "$ns" curl -gfsS -o /dev/null "$base/bootstrap.ipxe" 2>/dev/null \
            && ip netns exec "$ns" curl -gfsS -o /dev/null "$base/boot/snponly.efi" 2>/dev/null \
-           && kill -0 "$(cat "$dir/dnsmasq-nb.ownpid")" 2>/dev/null; then
+           && [ -n "$(dnsmasq_pids "$ns")" ]; then
             log "bed $name up (namespace $ns, IPv$fam)"
             return 0
         fi
-        kill -0 "$(cat "$dir/serve.pid")" 2>/dev/null && kill -0 "$(cat "$dir/dnsmasq-nb.ownpid")" 2>/dev/null || break
+        kill -0 "$(cat "$dir/serve.pid")" 2>/dev/null || break
         sleep 0.3
     done
     log "bed $name did not come up:"
@@ -189,7 +196,10 @@ nb_lane_pxe6() {
 # over IPv4 first (no answer: about a minute), then over IPv6.
 nb_lane_http6() {
     BED=nb6
-    local OVMF_FW_CFG="$NB_NO_PXE name=opt/org.tianocore/IPv4Support,string=no" run=$WORK/nb6/run mac=52:54:00:e2:22:01
+    # (-fw_cfg opt/org.tianocore/IPv4Support=no would drop HTTPv4 too, but
+    # then this OVMF's HTTPv6 fails before any request: "Unexpected network
+    # error")
+    local OVMF_FW_CFG=$NB_NO_PXE run=$WORK/nb6/run mac=52:54:00:e2:22:01
     ck 22 "the boot network has no IPv4 address" nb_no_ipv4 nb6 || return
     nb_register_install 22 nb6 NH6 "$mac" KS-E2E-NH6 22e2e2e2-0000-4000-8000-000000000022 || return
     ck 22 "OVMF started HTTP boot over IPv6" has "$NB_LOG1" 'Start HTTP Boot over IPv6'
