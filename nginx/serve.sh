@@ -16,6 +16,10 @@
 #   DHCP_IFACE=if    also run dnsmasq (dnsmasq/kiwispray.conf) on that
 #                    interface; DHCP_RANGE=start,end,mask,lease and
 #                    SERVER_IP (default: the interface's first IPv4 address)
+#   DHCP_CONF=kiwispray-ipv6.conf  IPv6-only instead (DHCPv6, router
+#                    advertisements): DHCP_RANGE=start,end[,slaac],64,lease
+#                    is needed, SERVER_IP defaults to the interface's
+#                    first global IPv6 address
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,6 +44,8 @@ ROOT=$(cd "$ROOT" && pwd)
 if [ "$ROOT" != "$here" ]; then
     [ -d "$ROOT/templates" ] || { cp -a "$here/templates" "$ROOT/templates"; say "filled $ROOT/templates"; }
     [ -d "$ROOT/images" ] || { cp -a "$here/images" "$ROOT/images"; say "filled $ROOT/images"; }
+    # iPXE for UEFI HTTP boot: links to the ipxe package's EFI binaries
+    [ -d "$ROOT/boot" ] || { cp -a "$here/boot" "$ROOT/boot"; say "filled $ROOT/boot"; }
 fi
 [ -e "$ROOT/known_hosts.json" ] || { echo '[]' > "$ROOT/known_hosts.json"; say "created $ROOT/known_hosts.json"; }
 
@@ -82,19 +88,40 @@ for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
 if [ -n "${DHCP_IFACE:-}" ]; then
     command -v dnsmasq >/dev/null || die "dnsmasq is not installed"
     ip link show "$DHCP_IFACE" >/dev/null 2>&1 || die "no interface $DHCP_IFACE"
-    if [ -z "${SERVER_IP:-}" ]; then
-        SERVER_IP=$(ip -4 -o addr show dev "$DHCP_IFACE" | awk '{sub(/\/.*/, "", $4); print $4; exit}')
-        [ -n "$SERVER_IP" ] || die "$DHCP_IFACE has no IPv4 address; set SERVER_IP"
-    fi
+    DHCP_CONF=${DHCP_CONF:-kiwispray.conf}
     conf="$RUN_DIR/dnsmasq.conf"
-    sed -e "s#^interface=.*#interface=$DHCP_IFACE#" \
-        -e "s#192\.168\.100\.1:5000#$SERVER_IP:$PORT#g" \
-        "$here/dnsmasq/kiwispray.conf" > "$conf"
+    case $DHCP_CONF in
+        kiwispray.conf)
+            if [ -z "${SERVER_IP:-}" ]; then
+                SERVER_IP=$(ip -4 -o addr show dev "$DHCP_IFACE" | awk '{sub(/\/.*/, "", $4); print $4; exit}')
+                [ -n "$SERVER_IP" ] || die "$DHCP_IFACE has no IPv4 address; set SERVER_IP"
+            fi
+            sed -e "s#^interface=.*#interface=$DHCP_IFACE#" \
+                -e "s#192\.168\.100\.1:5000#$SERVER_IP:$PORT#g" \
+                "$here/dnsmasq/kiwispray.conf" > "$conf"
+            url=http://$SERVER_IP:$PORT/bootstrap.ipxe
+            ;;
+        kiwispray-ipv6.conf)
+            [ -n "${DHCP_RANGE:-}" ] || die "DHCP_CONF=$DHCP_CONF needs DHCP_RANGE (start,end,slaac,64,lease in the interface's prefix)"
+            if [ -z "${SERVER_IP:-}" ]; then
+                SERVER_IP=$(ip -6 -o addr show dev "$DHCP_IFACE" scope global | awk '{sub(/\/.*/, "", $4); print $4; exit}')
+                [ -n "$SERVER_IP" ] || die "$DHCP_IFACE has no global IPv6 address; set SERVER_IP"
+            fi
+            SERVER_IP=${SERVER_IP#[}
+            SERVER_IP=${SERVER_IP%]}
+            sed -e "s#^interface=.*#interface=$DHCP_IFACE#" \
+                -e "s#\[fd00:100::1\]:5000/#[$SERVER_IP]:$PORT/#g" \
+                -e "s#\[fd00:100::1\]#[$SERVER_IP]#g" \
+                "$here/dnsmasq/kiwispray-ipv6.conf" > "$conf"
+            url=http://[$SERVER_IP]:$PORT/bootstrap.ipxe
+            ;;
+        *) die "DHCP_CONF=$DHCP_CONF: the shipped config is kiwispray.conf or kiwispray-ipv6.conf" ;;
+    esac
     [ -n "${DHCP_RANGE:-}" ] && sed -i "s#^dhcp-range=.*#dhcp-range=$DHCP_RANGE#" "$conf"
     dnsmasq --keep-in-foreground --conf-file="$conf" --pid-file="$RUN_DIR/dnsmasq.pid" \
         --dhcp-leasefile="$RUN_DIR/dnsmasq.leases" --log-facility="$RUN_DIR/dnsmasq.log" &
     pids+=($!)
-    say "DHCP on $DHCP_IFACE, bootstrap URL http://$SERVER_IP:$PORT/bootstrap.ipxe"
+    say "DHCP on $DHCP_IFACE ($DHCP_CONF), bootstrap URL $url"
 fi
 
 say "serving $ROOT on port $PORT (logs in $RUN_DIR); Ctrl-C stops"

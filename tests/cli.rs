@@ -2418,3 +2418,87 @@ fn regression_render_post_install_never_reads_outside_the_root() {
         fs::remove_file(&outside).unwrap();
     }
 }
+
+// ------------------------------------------------------------ boot files
+
+/// `check --dnsmasq FILE` names every boot file the configuration's boot
+/// paths need and lacks: iPXE over TFTP (a plain name, a `tftp://` URL) in
+/// its tftp-root, iPXE over HTTP (`/boot/...`) in the root's boot/; a
+/// dangling link in boot/ too. Once all are there, check passes.
+#[test]
+fn check_names_missing_boot_files_of_the_dnsmasq_config() {
+    let r = Root::new("checkboot");
+    let tftp = TempDir::new("checkboot-tftp");
+    let conf = tftp.path().join("kiwispray.conf");
+    fs::write(
+        &conf,
+        format!(
+            "interface=br0\nenable-tftp\ntftp-root={}\n\
+             dhcp-boot=tag:!ipxe,tag:bios,undionly.kpxe\n\
+             pxe-service=tag:!ipxe,x86-64_EFI,\"KIWIspray: iPXE, UEFI\",ipxe.efi\n\
+             dhcp-boot=tag:!ipxe,tag:efi-http,http://10.0.0.1:5000/boot/snponly.efi\n\
+             dhcp-option=tag:!ipxe,tag:efi64,option6:bootfile-url,tftp://[fd00::1]/snponly.efi\n\
+             dhcp-option=tag:!ipxe,tag:efi-http,option6:bootfile-url,http://[fd00::1]:5000/boot/ipxe.efi\n\
+             dhcp-boot=tag:ipxe,http://10.0.0.1:5000/bootstrap.ipxe\n",
+            tftp.path().display()
+        ),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap();
+    let t = tftp.path().display().to_string();
+    let b = r.path().join("boot").display().to_string();
+    let run = r.run(&["check", "--dnsmasq", conf]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    for want in [
+        format!("{conf}:4: {t}/undionly.kpxe is missing; machines booting over TFTP"),
+        format!("{conf}:5: {t}/ipxe.efi is missing"),
+        format!("{conf}:6: {b}/snponly.efi is missing; machines booting over HTTP"),
+        format!("{conf}:7: {t}/snponly.efi is missing"),
+        format!("{conf}:8: {b}/ipxe.efi is missing"),
+    ] {
+        assert!(run.stdout.contains(&want), "{want}\n{}", run.stdout);
+    }
+    assert!(!run.stdout.contains("bootstrap.ipxe"), "{}", run.stdout);
+    assert_eq!(run.stdout.matches("problem:").count(), 5, "{}", run.stdout);
+
+    // A link into an iPXE package that is gone.
+    fs::create_dir(r.path().join("boot")).unwrap();
+    std::os::unix::fs::symlink(
+        "/nonexistent/snponly.efi",
+        r.path().join("boot/snponly.efi"),
+    )
+    .unwrap();
+    let run = r.run(&["check", "--dnsmasq", conf]);
+    assert!(
+        run.stdout.contains(&format!(
+            "problem: {b}/snponly.efi is a dangling link; the web server cannot serve it"
+        )),
+        "{}",
+        run.stdout
+    );
+    let json = r.run(&["check", "--dnsmasq", conf, "--json"]).json();
+    assert_eq!(json["ok"], false);
+
+    fs::remove_file(r.path().join("boot/snponly.efi")).unwrap();
+    for f in [format!("{b}/snponly.efi"), format!("{b}/ipxe.efi")]
+        .iter()
+        .chain(
+            ["undionly.kpxe", "ipxe.efi", "snponly.efi"]
+                .map(|n| format!("{t}/{n}"))
+                .iter(),
+        )
+    {
+        fs::write(f, b"MZ").unwrap();
+    }
+    let out = r.run(&["check", "--dnsmasq", conf]).ok().stdout;
+    assert!(out.starts_with("ok:"), "{out}");
+    // An empty file is no boot file.
+    fs::write(format!("{t}/undionly.kpxe"), b"").unwrap();
+    let run = r.run(&["check", "--dnsmasq", conf]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stdout.contains(&format!("{t}/undionly.kpxe is empty")),
+        "{}",
+        run.stdout
+    );
+}

@@ -5,6 +5,8 @@
 //! looks at every template and image directory. A host in the state of an
 //! attended image (one whose installer asks before it writes the disk, as
 //! `import-image` found out) must get an install disk on its kernel line.
+//! The boot files the dnsmasq configuration names (iPXE over TFTP, iPXE
+//! over HTTP from the deployment root's `boot/`) must be there.
 
 use super::{json_text, out, CheckArgs, Ctx, Exit, Result};
 use crate::hosts::{keys_of, Host, Key, STATE_DISCOVER, STATE_FINISHED, STATE_NEW};
@@ -39,6 +41,7 @@ pub fn check(ctx: &Ctx, a: &CheckArgs) -> Result<Exit> {
     check_install_disks(ctx, &hosts, &mut r);
     check_images(ctx, a.deep, &mut r);
     check_runtime(ctx, &mut r);
+    check_boot_files(ctx, &a.dnsmasq, &mut r);
     if a.json {
         out(&json_text(&json!({
             "ok": r.problems.is_empty(),
@@ -559,6 +562,180 @@ fn check_runtime(ctx: &Ctx, r: &mut Report) {
     }
 }
 
+/// Where dnsmasq configurations are looked for when `--dnsmasq` names none.
+const DNSMASQ_DIR: &str = "/etc/dnsmasq.d";
+
+/// The boot files each configured boot path needs. Every entry of the
+/// deployment root's `boot/` must be a readable file (a link into an iPXE
+/// package that was removed dangles), and every boot file a dnsmasq
+/// configuration names must exist: a plain name or a `tftp://` URL under
+/// its `tftp-root` (when dnsmasq serves TFTP itself), an `http://` URL of
+/// `/boot/...` under the deployment root. The configurations are those
+/// given with `--dnsmasq`, else `/etc/dnsmasq.d/kiwispray*.conf`.
+fn check_boot_files(ctx: &Ctx, given: &[PathBuf], r: &mut Report) {
+    let boot = ctx.config.root.join("boot");
+    if let Ok(rd) = fs::read_dir(&boot) {
+        let mut names: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .collect();
+        names.sort();
+        for p in names {
+            if let Err(why) = servable(&p) {
+                r.problem(format!(
+                    "{} {why}; the web server cannot serve it",
+                    p.display()
+                ));
+            }
+        }
+    }
+    let configs: Vec<PathBuf> = if given.is_empty() {
+        let mut v: Vec<PathBuf> = fs::read_dir(DNSMASQ_DIR)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name().is_some_and(|n| {
+                            let n = n.to_string_lossy();
+                            n.starts_with("kiwispray") && n.ends_with(".conf")
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    } else {
+        given.to_vec()
+    };
+    for conf in configs {
+        let text = match fs::read_to_string(&conf) {
+            Ok(t) => t,
+            Err(e) => {
+                r.problem(format!("cannot read {}: {e}", conf.display()));
+                continue;
+            }
+        };
+        for (line, file) in dnsmasq_boot_files(&text) {
+            let (path, how) = match file {
+                BootFile::Tftp(name) => match tftp_root(&text) {
+                    Some(root) => (root.join(name.trim_start_matches('/')), "TFTP"),
+                    // another TFTP server (dhcp-boot's server field) serves it
+                    None => continue,
+                },
+                BootFile::Http(path) => match path.strip_prefix("/boot/") {
+                    Some(rest) if !rest.is_empty() => (boot.join(rest), "HTTP"),
+                    _ => continue,
+                },
+            };
+            if let Err(why) = servable(&path) {
+                r.problem(format!(
+                    "{}:{line}: {} {why}; machines booting over {how} with this line cannot load iPXE",
+                    conf.display(),
+                    path.display()
+                ));
+            }
+        }
+    }
+}
+
+/// A file a server can hand out: it exists (links followed), is a regular
+/// file and is not empty.
+fn servable(p: &Path) -> std::result::Result<(), &'static str> {
+    match fs::metadata(p) {
+        Ok(m) if m.is_file() && m.len() > 0 => Ok(()),
+        Ok(m) if m.is_file() => Err("is empty"),
+        Ok(_) => Err("is not a file"),
+        Err(_) if fs::symlink_metadata(p).is_ok() => Err("is a dangling link"),
+        Err(_) => Err("is missing"),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum BootFile {
+    /// A file name or the path of a `tftp://` URL, relative to the TFTP root.
+    Tftp(String),
+    /// The path of an `http(s)://` URL.
+    Http(String),
+}
+
+/// The `tftp-root` of a dnsmasq configuration that serves TFTP itself.
+fn tftp_root(text: &str) -> Option<PathBuf> {
+    let mut enabled = false;
+    let mut root = None;
+    for l in text.lines().map(str::trim) {
+        if l == "enable-tftp" || l.starts_with("enable-tftp=") {
+            enabled = true;
+        } else if let Some(v) = l.strip_prefix("tftp-root=") {
+            root = v.split(',').next().map(|d| PathBuf::from(d.trim()));
+        }
+    }
+    root.filter(|_| enabled)
+}
+
+/// The comma-separated fields of a dnsmasq value, with `tag:`/`net:`
+/// fields dropped and double quotes honoured.
+fn dnsmasq_fields(v: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut quoted = false;
+    for c in v.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(String::new()),
+            _ => fields.last_mut().unwrap().push(c),
+        }
+    }
+    fields
+        .into_iter()
+        .map(|f| f.trim().to_string())
+        .filter(|f| !f.starts_with("tag:") && !f.starts_with("net:"))
+        .collect()
+}
+
+/// The boot files of a dnsmasq configuration with their line numbers:
+/// `dhcp-boot=` file names and URLs, `pxe-service=` base names and
+/// DHCPv6 boot file URLs (`option6:bootfile-url`, `option6:59`).
+fn dnsmasq_boot_files(text: &str) -> Vec<(usize, BootFile)> {
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        let l = l.trim();
+        let Some((key, value)) = l.split_once('=') else {
+            continue;
+        };
+        let f = dnsmasq_fields(value);
+        let file = match key.trim() {
+            "dhcp-boot" => f.first().cloned(),
+            // CSA, menu text, base name (or a boot service type number)
+            "pxe-service" => f.get(2).filter(|b| b.parse::<u32>().is_err()).cloned(),
+            "dhcp-option" | "dhcp-option-force" => match f.first().map(String::as_str) {
+                Some("option6:bootfile-url" | "option6:59") => f.get(1).cloned(),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(file) = file.filter(|f| !f.is_empty()) else {
+            continue;
+        };
+        let lower = file.to_ascii_lowercase();
+        let entry = if lower.starts_with("http://") || lower.starts_with("https://") {
+            match url::Url::parse(&file) {
+                Ok(u) => BootFile::Http(u.path().to_string()),
+                Err(_) => continue,
+            }
+        } else if lower.starts_with("tftp://") {
+            match url::Url::parse(&file) {
+                Ok(u) => BootFile::Tftp(u.path().to_string()),
+                Err(_) => continue,
+            }
+        } else {
+            BootFile::Tftp(file)
+        };
+        out.push((i + 1, entry));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,5 +754,60 @@ mod tests {
             "kernel http://h/images/l/linux initrd=initrd root=live:http://h/images/l/l.iso\n",
         );
         assert_eq!(live.other, vec!["images/l/l.iso"]);
+    }
+
+    #[test]
+    fn boot_files_of_the_shipped_dnsmasq_configs() {
+        let conf = |f: &str| {
+            fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("dnsmasq")
+                    .join(f),
+            )
+            .unwrap()
+        };
+        let files = |f: &str| -> Vec<BootFile> {
+            dnsmasq_boot_files(&conf(f))
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect()
+        };
+        let tftp = |s: &str| BootFile::Tftp(s.into());
+        let http = |s: &str| BootFile::Http(s.into());
+        assert_eq!(
+            files("kiwispray.conf"),
+            vec![
+                tftp("undionly.kpxe"),
+                tftp("snponly.efi"),
+                http("/boot/snponly.efi"),
+                http("/bootstrap.ipxe")
+            ]
+        );
+        assert_eq!(
+            tftp_root(&conf("kiwispray.conf")),
+            Some("/usr/lib/ipxe".into())
+        );
+        assert_eq!(
+            files("kiwispray-proxy.conf"),
+            vec![
+                tftp("undionly.kpxe"),
+                tftp("snponly.efi"),
+                tftp("snponly.efi"),
+                http("/bootstrap.ipxe")
+            ]
+        );
+        assert_eq!(
+            files("kiwispray-ipv6.conf"),
+            vec![
+                tftp("/snponly.efi"),
+                http("/boot/snponly.efi"),
+                http("/bootstrap.ipxe")
+            ]
+        );
+        assert_eq!(
+            tftp_root("tftp-root=/srv/tftp\n"),
+            None,
+            "without enable-tftp"
+        );
     }
 }

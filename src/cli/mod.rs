@@ -466,6 +466,11 @@ pub struct CheckArgs {
     /// Print the problems as a JSON array.
     #[arg(long)]
     pub json: bool,
+    /// A dnsmasq configuration whose boot files (iPXE over TFTP or over
+    /// HTTP from the root's boot/) must exist; repeatable. Default: the
+    /// /etc/dnsmasq.d/kiwispray*.conf files.
+    #[arg(long, value_name = "FILE")]
+    pub dnsmasq: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -245,8 +245,13 @@ guest_start() {
                 -name "kse2e-$machine-$label" -serial "file:$log"
                 -smbios "type=1,serial=${serial//,/,,},uuid=$uuid")
     if [ "$fw" = uefi ]; then
-        # no PXE over IPv6: PXEv4 -> iPXE, then straight on to the disk
-        args+=(-fw_cfg "name=opt/org.tianocore/IPv6PXESupport,string=no")
+        # no PXE over IPv6: PXEv4 -> iPXE, then straight on to the disk.
+        # OVMF_FW_CFG (space-separated -fw_cfg values, may be empty)
+        # replaces this, e.g. to drop the PXEv4 option for HTTP boot.
+        local fwcfg
+        for fwcfg in ${OVMF_FW_CFG-name=opt/org.tianocore/IPv6PXESupport,string=no}; do
+            args+=(-fw_cfg "$fwcfg")
+        done
         [ -e "$WORK/$machine.vars" ] || cp "$OVMF_VARS" "$WORK/$machine.vars"
         args+=(-machine q35 -m 1536
                -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
