@@ -12,7 +12,8 @@
 //!   "max_install_boots": 3,
 //!   "install_deadline_minutes": 60,
 //!   "hold_overdue": false,
-//!   "max_installs": 50
+//!   "max_installs": 50,
+//!   "bmc_credentials": "/etc/kiwispray/bmc-credentials.json"
 //! }
 //! ```
 //!
@@ -22,6 +23,8 @@
 //! safety of [`crate::lifecycle::install_decision`]; an image may set its own
 //! deadline in `images/<state>/image.json` (`{"install_deadline_minutes": 90}`).
 //! `max_installs` caps how many hosts install at once (absent: no cap).
+//! `bmc_credentials` is where the BMC credentials are (default
+//! `<root>/bmc-credentials.json`; see [`crate::bmc::credentials`]).
 //!
 //! This is also the one place where a state name becomes a path
 //! ([`Config::image_dir`] and the template lists built on it): every caller,
@@ -69,6 +72,8 @@ struct FileSettings {
     database: Option<PathBuf>,
     #[serde(default)]
     event_log: Option<PathBuf>,
+    #[serde(default)]
+    bmc_credentials: Option<PathBuf>,
 }
 
 /// The resolved settings.
@@ -91,6 +96,8 @@ pub struct Config {
     pub hold_overdue: bool,
     /// How many hosts may install at once (`None`: no limit).
     pub max_installs: Option<usize>,
+    /// The BMC credentials file.
+    pub bmc_credentials: PathBuf,
 }
 
 /// Install boots without a `/finish` before a host is held, unless set.
@@ -125,6 +132,10 @@ impl Config {
             root: root.to_path_buf(),
             database: in_root(settings.database, DATABASE_FILE),
             events: in_root(settings.event_log, EVENTS_FILE),
+            bmc_credentials: in_root(
+                settings.bmc_credentials,
+                crate::bmc::credentials::CREDENTIALS_FILE,
+            ),
             discover: settings.discover,
             placeholder_serials: settings.placeholder_serials,
             placeholder_uuids: settings.placeholder_uuids,

@@ -49,6 +49,15 @@ pub struct Host {
     pub state: String,
     #[serde(default, deserialize_with = "de_metadata")]
     pub metadata: Map<String, Value>,
+    /// The machine's BMC, e.g. `ipmi://10.0.7.21` or `redfish://10.0.7.22`
+    /// (see [`crate::bmc::BmcUrl`]); written only when set, so a database
+    /// without BMCs keeps the seed's format. Never a credential.
+    #[serde(
+        default,
+        deserialize_with = "de_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub bmc: Option<String>,
     /// Fields written by other tools; kept as they are.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -80,6 +89,17 @@ fn de_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     }
 }
 
+fn de_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::String(s) if s.trim().is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a string, found {other}"
+        ))),
+    }
+}
+
 fn de_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
     match Value::deserialize(d)? {
         Value::Null => Ok(Map::new()),
@@ -102,6 +122,7 @@ impl Host {
             hostname: HOSTNAME_NOT_SET.to_string(),
             state: state.to_string(),
             metadata: Map::new(),
+            bmc: None,
             extra: Map::new(),
         }
     }
