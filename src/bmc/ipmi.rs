@@ -105,15 +105,17 @@ impl Ipmi {
                 Err(e) => return Err(format!("cannot wait for ipmitool: {e}")),
             }
         };
-        let out = out_reader.join().unwrap_or_default();
-        let err = err_reader.join().unwrap_or_default();
         let Some(status) = status else {
+            // the readers are left behind: a grandchild may still hold the
+            // pipes, and nothing it says matters now
             return Err(format!(
                 "no answer from the BMC within {} s (ipmitool {} killed)",
                 self.timeout.as_secs(),
                 command.join(" ")
             ));
         };
+        let out = out_reader.join().unwrap_or_default();
+        let err = err_reader.join().unwrap_or_default();
         if status.success() {
             return Ok(out);
         }

@@ -176,7 +176,8 @@ pub fn reinstall(ctx: &Ctx, a: &ReinstallArgs) -> Result<Exit> {
     confirm(&a.confirm, "reinstall", &ids)?;
     drop(snap);
     let (outcomes, ok) = set_and_kick(ctx, jobs, &chain, &a.bmc, CAUSE)?;
-    let ok = ok && power::report(&outcomes, "reinstall", a.json)?;
+    let shown = power::report(&outcomes, "reinstall", a.json)?;
+    let ok = ok && shown;
     Ok(if ok { Exit::Ok } else { Exit::Io })
 }
 
