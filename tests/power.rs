@@ -1066,3 +1066,119 @@ fn bmc_credentials_json_is_never_served_by_nginx_or_lighttpd() {
         }
     }
 }
+
+#[test]
+fn rollout_power_cycle_kicks_each_wave_through_its_bmcs() {
+    let dir = Tmp::new("rollout");
+    let r = root(dir.path());
+    let fake = dir.path().join("ipmitool");
+    let rec = dir.path().join("calls.log");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\ncase \"$*\" in *'power status') echo 'Chassis Power is off';; esac\n",
+            rec.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    write_private(
+        &r.join("bmc-credentials.json"),
+        r#"{"default": {"user": "u", "password": "Ipmi-pw-55"}}"#,
+    );
+    for i in 1..=3 {
+        let mac = format!("52:54:00:ee:00:0{i}");
+        let meta = r#"{"rack": "R9"}"#;
+        let mut args = vec!["add", "--mac", &mac, "--meta", meta];
+        let bmc = format!("ipmi://10.8.0.{i}");
+        if i < 3 {
+            args.extend(["--bmc", &bmc]);
+        }
+        assert_eq!(cli(&r, &args).code, 0);
+    }
+    // a host without a BMC: the rollout does not start
+    let out = cli(
+        &r,
+        &[
+            "rollout",
+            "--where",
+            "metadata.rack=R9",
+            "--state",
+            "img1",
+            "--batch",
+            "1",
+            "--power-cycle",
+            "--yes",
+        ],
+    );
+    assert_eq!(out.code, 2, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("host 3: no BMC"), "{}", out.stderr);
+    assert!(!r.join(".kiwispray-rollout.json").exists());
+
+    // two hosts with BMCs, one wave each: the first is set and kicked, the
+    // second waits for it
+    let mut child = Command::new(BIN)
+        .arg("--root")
+        .arg(&r)
+        .args([
+            "rollout",
+            "--where",
+            "metadata.rack=R9 bmc=ipmi://*",
+            "--state",
+            "img1",
+            "--batch",
+            "1",
+        ])
+        .args(["--power-cycle", "--yes", "--poll", "1"])
+        .env("KIWISPRAY_IPMITOOL", &fake)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut calls = String::new();
+    while !calls.contains("power on") {
+        assert!(Instant::now() < deadline, "wave 1 not kicked: {calls}");
+        std::thread::sleep(Duration::from_millis(200));
+        calls = fs::read_to_string(&rec).unwrap_or_default();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let calls = fs::read_to_string(&rec).unwrap();
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(lines.len(), 3, "{calls}");
+    assert!(
+        lines[0].contains("-H 10.8.0.1") && lines[0].ends_with("chassis bootdev pxe"),
+        "{calls}"
+    );
+    assert!(
+        lines[1].ends_with("power status") && lines[2].ends_with("power on"),
+        "{calls}"
+    );
+    assert!(
+        !calls.contains("10.8.0.2"),
+        "the second wave was kicked early: {calls}"
+    );
+    assert!(
+        stdout.contains("wave 1: host 1: network boot once (BIOS), was off, powered on"),
+        "{stdout}"
+    );
+    let db: Value =
+        serde_json::from_str(&fs::read_to_string(r.join("known_hosts.json")).unwrap()).unwrap();
+    assert_eq!(
+        (db[0]["state"].as_str(), db[1]["state"].as_str()),
+        (Some("img1"), Some("new"))
+    );
+    let rec_file = fs::read_to_string(r.join(".kiwispray-rollout.json")).unwrap();
+    assert!(rec_file.contains("\"power_cycle\": true"), "{rec_file}");
+    no_secret_on_disk(&r);
+}
