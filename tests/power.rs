@@ -1182,3 +1182,84 @@ fn rollout_power_cycle_kicks_each_wave_through_its_bmcs() {
     assert!(rec_file.contains("\"power_cycle\": true"), "{rec_file}");
     no_secret_on_disk(&r);
 }
+
+#[test]
+fn reinstall_asks_an_efi_boot_for_a_host_last_seen_booting_uefi() {
+    let stack = common::Stack::start_with(common::Options {
+        prepare: Some(Box::new(|root: &Path| {
+            fs::create_dir_all(root.join("images/img1")).unwrap();
+        })),
+        ..Default::default()
+    });
+    // two machines boot through nginx: one with UEFI, one with BIOS
+    for (mac, platform) in [
+        ("52:54:00:ff:00:01", "efi"),
+        ("52:54:00:ff:00:02", "pcbios"),
+    ] {
+        let q = format!(
+            "/bootstrap?net0={}&dhcp_mac={}&serial=&uuid=&platform={platform}&buildarch=x86_64",
+            common::enc(mac),
+            common::enc(mac)
+        );
+        assert_eq!(stack.get(&q).status, 200);
+    }
+    let r = stack.root.clone();
+    let dir = Tmp::new("efi");
+    let fake = dir.path().join("ipmitool");
+    let rec = dir.path().join("calls.log");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\ncase \"$*\" in *'power status') echo 'Chassis Power is on';; esac\n",
+            rec.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    write_private(
+        &r.join("bmc-credentials.json"),
+        r#"{"default": {"user": "u", "password": "Ipmi-pw-55"}}"#,
+    );
+    assert_eq!(cli(&r, &["set", "1", "--bmc", "ipmi://10.6.0.1"]).code, 0);
+    assert_eq!(cli(&r, &["set", "2", "--bmc", "ipmi://10.6.0.2"]).code, 0);
+    let out = cli_env(
+        &r,
+        &["reinstall", "1", "2", "--state", "img1", "--yes"],
+        &[("KIWISPRAY_IPMITOOL", fake.to_str().unwrap())],
+    );
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("network boot once (UEFI), power-cycled"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("network boot once (BIOS), power-cycled"),
+        "{}",
+        out.stdout
+    );
+    let calls = fs::read_to_string(&rec).unwrap();
+    let one: Vec<&str> = calls
+        .lines()
+        .filter(|l| l.contains("-H 10.6.0.1 "))
+        .collect();
+    let two: Vec<&str> = calls
+        .lines()
+        .filter(|l| l.contains("-H 10.6.0.2 "))
+        .collect();
+    assert!(
+        one[0].ends_with("chassis bootdev pxe options=efiboot"),
+        "{calls}"
+    );
+    assert!(two[0].ends_with("chassis bootdev pxe"), "{calls}");
+    assert!(
+        one[2].ends_with("power cycle") && two[2].ends_with("power cycle"),
+        "{calls}"
+    );
+    // the next boots install: the handler sees the state
+    assert_eq!(stack.field(1, "state"), "img1");
+    assert_eq!(stack.field(2, "state"), "img1");
+    no_secret_on_disk(&r);
+}
