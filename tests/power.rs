@@ -786,7 +786,22 @@ impl IpmiSim {
             .stderr(out)
             .spawn()
             .expect("ipmi_sim (Debian package openipmi)");
-        std::thread::sleep(Duration::from_millis(500));
+        // ready once it listens on its UDP port
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = Command::new("ss")
+                .args(["-Hlun", &format!("sport = :{port}")])
+                .output()
+                .unwrap();
+            if !o.stdout.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ipmi_sim does not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         IpmiSim {
             child,
             port,
