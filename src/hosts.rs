@@ -33,81 +33,119 @@ pub const STATE_FINISHED: &str = "finished";
 pub const STATE_DISCOVER: &str = "discover";
 
 /// One machine.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Host {
-    #[serde(deserialize_with = "de_id")]
     pub id: u64,
-    #[serde(default, deserialize_with = "de_string")]
     pub macs: String,
-    #[serde(default, deserialize_with = "de_string")]
     pub serial: String,
-    #[serde(default, deserialize_with = "de_string")]
     pub uuid: String,
-    #[serde(default, deserialize_with = "de_string")]
     pub hostname: String,
-    #[serde(default, deserialize_with = "de_string")]
     pub state: String,
-    #[serde(default, deserialize_with = "de_metadata")]
     pub metadata: Map<String, Value>,
     /// The machine's BMC, e.g. `ipmi://10.0.7.21` or `redfish://10.0.7.22`
     /// (see [`crate::bmc::BmcUrl`]); written only when set, so a database
     /// without BMCs keeps the seed's format. Never a credential.
-    #[serde(
-        default,
-        deserialize_with = "de_opt_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bmc: Option<String>,
     /// Fields written by other tools; kept as they are.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-fn de_id<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    match Value::deserialize(d)? {
+/// Read by hand rather than derived: serde's `flatten` (for `extra`)
+/// buffers every field of every host before reading it, which made
+/// reading a host several times slower than the JSON parse itself.
+impl<'de> Deserialize<'de> for Host {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Host;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a host object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Host, A::Error> {
+                use serde::de::Error;
+                let mut id = None;
+                let mut host = Host::new(0, &[], "", "", "");
+                host.hostname.clear();
+                while let Some(key) = map.next_key::<String>()? {
+                    let field = match key.as_str() {
+                        "id" => {
+                            if id.is_some() {
+                                return Err(A::Error::duplicate_field("id"));
+                            }
+                            id = Some(id_from(map.next_value()?).map_err(A::Error::custom)?);
+                            continue;
+                        }
+                        "macs" => &mut host.macs,
+                        "serial" => &mut host.serial,
+                        "uuid" => &mut host.uuid,
+                        "hostname" => &mut host.hostname,
+                        "state" => &mut host.state,
+                        "metadata" => {
+                            host.metadata =
+                                metadata_from(map.next_value()?).map_err(A::Error::custom)?;
+                            continue;
+                        }
+                        "bmc" => {
+                            host.bmc =
+                                opt_string_from(map.next_value()?).map_err(A::Error::custom)?;
+                            continue;
+                        }
+                        _ => {
+                            let value = map.next_value()?;
+                            host.extra.insert(key, value);
+                            continue;
+                        }
+                    };
+                    *field = string_from(map.next_value()?).map_err(A::Error::custom)?;
+                }
+                host.id = id.ok_or_else(|| A::Error::missing_field("id"))?;
+                Ok(host)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn id_from(v: Value) -> Result<u64, String> {
+    match v {
         Value::Number(n) => n
             .as_u64()
-            .ok_or_else(|| serde::de::Error::custom(format!("id {n} is not a whole number"))),
+            .ok_or_else(|| format!("id {n} is not a whole number")),
         Value::String(s) => s
             .trim()
             .parse()
-            .map_err(|_| serde::de::Error::custom(format!("id {s:?} is not a whole number"))),
-        other => Err(serde::de::Error::custom(format!(
-            "id must be a number, found {other}"
-        ))),
+            .map_err(|_| format!("id {s:?} is not a whole number")),
+        other => Err(format!("id must be a number, found {other}")),
     }
 }
 
-fn de_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    match Value::deserialize(d)? {
+fn string_from(v: Value) -> Result<String, String> {
+    match v {
         Value::Null => Ok(String::new()),
         Value::String(s) => Ok(s),
         Value::Number(n) => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!(
-            "expected a string, found {other}"
-        ))),
+        other => Err(format!("expected a string, found {other}")),
     }
 }
 
-fn de_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    match Value::deserialize(d)? {
+fn opt_string_from(v: Value) -> Result<Option<String>, String> {
+    match v {
         Value::Null => Ok(None),
         Value::String(s) if s.trim().is_empty() => Ok(None),
         Value::String(s) => Ok(Some(s)),
-        other => Err(serde::de::Error::custom(format!(
-            "expected a string, found {other}"
-        ))),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        other => Err(format!("bmc must be a string, found {other}")),
     }
 }
 
-fn de_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
-    match Value::deserialize(d)? {
+fn metadata_from(v: Value) -> Result<Map<String, Value>, String> {
+    match v {
         Value::Null => Ok(Map::new()),
         Value::Object(m) => Ok(m),
         Value::String(s) if s.trim().is_empty() => Ok(Map::new()),
-        other => Err(serde::de::Error::custom(format!(
-            "metadata must be an object, found {other}"
-        ))),
+        other => Err(format!("metadata must be an object, found {other}")),
     }
 }
 
@@ -254,15 +292,20 @@ impl std::fmt::Display for Key {
 
 /// The 128 bits of a canonical (hyphenated, lowercase) UUID key.
 fn uuid_bits(uuid: &str) -> Option<u128> {
-    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
-    if hex.len() != 32 {
-        return None;
+    let mut bits = 0u128;
+    let mut digits = 0;
+    for b in uuid.bytes().filter(|b| *b != b'-') {
+        bits = (bits << 4) | u128::from((b as char).to_digit(16)?);
+        digits += 1;
+        if digits > 32 {
+            return None;
+        }
     }
-    u128::from_str_radix(&hex, 16).ok()
+    (digits == 32).then_some(bits)
 }
 
 /// How many copy-on-write shards each index map is split into.
-const SHARDS: usize = 64;
+const SHARDS: usize = 256;
 
 /// A hash map split into shards that clones of the database share, so
 /// that adding a host copies one shard of each index, not the whole index.
@@ -330,7 +373,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Sharded<K, V> {
 #[derive(Debug, Clone, Default)]
 struct Index {
     macs: Sharded<Mac, u64>,
-    serials: Sharded<Box<str>, u64>,
+    serials: Sharded<Arc<str>, u64>,
     uuids: Sharded<u128, u64>,
     shared: Arc<HashMap<Key, Vec<u64>>>,
 }
@@ -361,7 +404,7 @@ impl Index {
     fn put_single(&mut self, key: Key, id: u64) {
         match key {
             Key::Mac(m) => self.macs.insert(m, id),
-            Key::Serial(s) => self.serials.insert(s.into_boxed_str(), id),
+            Key::Serial(s) => self.serials.insert(Arc::from(s), id),
             Key::Uuid(u) => match uuid_bits(&u) {
                 Some(b) => self.uuids.insert(b, id),
                 // Not a canonical UUID (never produced by `uuid_key`).
@@ -389,11 +432,13 @@ impl Index {
             }
             return;
         }
-        match self.take_single(&key) {
+        match self.single(&key).copied() {
             Some(other) if other != id => {
+                self.take_single(&key);
                 Arc::make_mut(&mut self.shared).insert(key, vec![other, id]);
             }
-            _ => self.put_single(key, id),
+            Some(_) => {}
+            None => self.put_single(key, id),
         }
     }
 
@@ -430,7 +475,8 @@ impl Index {
 pub struct Database {
     entries: Entries,
     by_id: Sharded<u64, usize>,
-    index: Index,
+    /// Built on first use, see [`Self::index`].
+    index: std::sync::OnceLock<Index>,
     /// The highest id in use (0 when empty), so `next_id` is O(1).
     max_id: u64,
     placeholders: Arc<Placeholders>,
@@ -438,6 +484,15 @@ pub struct Database {
     changed: bool,
     /// Hosts whose JSON still has the `bootid` field of earlier versions.
     legacy_bootids: usize,
+    /// Whether [`Self::write_json`] writes exactly the bytes this database
+    /// was read from (or was last saved as), so that new hosts can be
+    /// appended to the file in place ([`Self::write_tail`]).
+    verbatim: bool,
+    /// How many hosts there were at [`Self::clear_changed`], and whether
+    /// one of them was changed or removed since: if not, the change only
+    /// appended hosts.
+    base_len: usize,
+    rewritten: bool,
 }
 
 /// Why a JSON document is not a host database.
@@ -446,6 +501,231 @@ pub struct ParseError {
     pub line: usize,
     pub column: usize,
     pub message: String,
+}
+
+/// What loading needs of one host, read without building the [`Host`]:
+/// its id and key fields (borrowed from the file's text where they have no
+/// escapes). The other fields are checked as `Host` reads them (strings,
+/// an object or nothing for `metadata`, any JSON elsewhere) without being
+/// kept. `unusual` marks what only the full reading decides exactly: a
+/// number where a string belongs, or a field given twice.
+struct Light<'a> {
+    id: u64,
+    macs: std::borrow::Cow<'a, str>,
+    serial: std::borrow::Cow<'a, str>,
+    uuid: std::borrow::Cow<'a, str>,
+    bootid: bool,
+    unusual: bool,
+}
+
+impl<'de> Deserialize<'de> for Light<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(LightVisitor)
+    }
+}
+
+struct LightVisitor;
+
+impl<'de> serde::de::Visitor<'de> for LightVisitor {
+    type Value = Light<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a host object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Light<'de>, A::Error> {
+        use std::borrow::Cow;
+        let mut light = Light {
+            id: 0,
+            macs: Cow::Borrowed(""),
+            serial: Cow::Borrowed(""),
+            uuid: Cow::Borrowed(""),
+            bootid: false,
+            unusual: false,
+        };
+        let mut seen = [false; 9];
+        let mut has_id = false;
+        while let Some(key) = map.next_key::<LightField>()? {
+            let LightField::Text(key) = key else {
+                return Err(serde::de::Error::custom("a key is not a string"));
+            };
+            let slot = match &*key {
+                "id" => 0,
+                "macs" => 1,
+                "serial" => 2,
+                "uuid" => 3,
+                "hostname" => 4,
+                "state" => 5,
+                "metadata" => 6,
+                "bmc" => 7,
+                _ => 8,
+            };
+            if slot < 8 && std::mem::replace(&mut seen[slot], true) {
+                light.unusual = true;
+            }
+            match slot {
+                0 => match map.next_value::<LightField>()? {
+                    LightField::Number(Some(n)) => {
+                        light.id = n;
+                        has_id = true;
+                    }
+                    _ => light.unusual = true,
+                },
+                1..=5 | 7 => match map.next_value::<LightField>()? {
+                    LightField::Text(t) => match slot {
+                        1 => light.macs = t,
+                        2 => light.serial = t,
+                        3 => light.uuid = t,
+                        _ => {}
+                    },
+                    LightField::Null => {}
+                    LightField::Number(_) => light.unusual = true,
+                },
+                6 => {
+                    if !map.next_value::<LightMetadata>()?.0 {
+                        light.unusual = true;
+                    }
+                }
+                _ => {
+                    light.bootid |= key == "bootid";
+                    map.next_value::<Checked>()?;
+                }
+            }
+        }
+        light.unusual |= !has_id;
+        Ok(light)
+    }
+}
+
+/// A string field, `null`, or a number (a whole one as `Some`).
+enum LightField<'a> {
+    Text(std::borrow::Cow<'a, str>),
+    Null,
+    Number(Option<u64>),
+}
+
+impl<'de> Deserialize<'de> for LightField<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = LightField<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(LightField::Text(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(LightField::Text(v.to_string().into()))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LightField::Null)
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(LightField::Number(Some(v)))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(LightField::Number(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LightField::Number(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `metadata` as `Host` accepts it: true for an object (or `null`); false
+/// for anything the full reading must judge.
+struct LightMetadata(bool);
+
+impl<'de> Deserialize<'de> for LightMetadata {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = LightMetadata;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(LightMetadata(true))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                Checked::visit_map(Checked, map)?;
+                Ok(LightMetadata(true))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(LightMetadata(false))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                Checked::visit_seq(Checked, seq)?;
+                Ok(LightMetadata(false))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Any JSON value, read as a `serde_json::Value` would be (numbers and
+/// strings parsed, so the same documents are refused) but not kept.
+#[derive(Clone, Copy)]
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Checked {
+    type Value = Checked;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
 }
 
 /// Reads the top-level array one host at a time, so that loading never
@@ -478,9 +758,42 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut entries = Entries::default();
         let mut by_id = Sharded::default();
-        let mut index = Index::default();
         let mut canonical: Option<bool> = None;
+        // Whether the text between the entries is what `write_json` puts
+        // there, so that writing the database gives back the same bytes.
+        let mut framed = true;
+        let mut prev_end: Option<usize> = None;
         while let Some(raw) = seq.next_element::<&serde_json::value::RawValue>()? {
+            let start = (raw.get().as_ptr() as usize).wrapping_sub(self.text.as_ptr() as usize);
+            framed = framed
+                && match prev_end {
+                    None => self.text.get(..start) == Some(b"[\n    ".as_slice()),
+                    Some(end) => self.text.get(end..start) == Some(b",\n    ".as_slice()),
+                };
+            prev_end = Some(start + raw.get().len());
+            // Most entries need only their id and keys here: the light
+            // reading checks the rest the way `Host` would read it, without
+            // building it. The first entry (to learn the file's form) and
+            // anything unusual take the full reading.
+            if canonical == Some(true) {
+                if let Ok(light) = serde_json::from_str::<Light>(raw.get()) {
+                    if !light.unusual {
+                        let i = entries.len();
+                        if let Some(&first) = by_id.get(&light.id) {
+                            *self.duplicate = Some((light.id, first, i));
+                            return Err(serde::de::Error::custom("duplicate host id"));
+                        }
+                        by_id.insert(light.id, i);
+                        self.db.max_id = self.db.max_id.max(light.id);
+                        self.db.legacy_bootids += usize::from(light.bootid);
+                        entries.push(Entry {
+                            id: light.id,
+                            json: raw.get().into(),
+                        });
+                        continue;
+                    }
+                }
+            }
             let host: Host = match serde_json::from_str(raw.get()) {
                 Ok(h) => h,
                 Err(e) => {
@@ -514,9 +827,6 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
                 return Err(serde::de::Error::custom("duplicate host id"));
             }
             by_id.insert(host.id, i);
-            for key in keys_of(&host, &self.db.placeholders) {
-                index.add(key, host.id);
-            }
             self.db.max_id = self.db.max_id.max(host.id);
             if host.extra.contains_key("bootid") {
                 self.db.legacy_bootids += 1;
@@ -539,10 +849,12 @@ impl<'de> serde::de::Visitor<'de> for Loader<'_> {
             entries.push(entry);
         }
         by_id.shrink_to_fit();
-        index.shrink_to_fit();
+        self.db.verbatim = canonical == Some(true)
+            && framed
+            && prev_end.and_then(|end| self.text.get(end..)) == Some(b"\n]\n".as_slice());
+        self.db.base_len = entries.len();
         self.db.entries = entries;
         self.db.by_id = by_id;
-        self.db.index = index;
         Ok(())
     }
 }
@@ -657,7 +969,28 @@ impl Database {
 
     /// The ids of the hosts that carry a key.
     pub fn lookup(&self, key: &Key) -> &[u64] {
-        self.index.lookup(key)
+        self.index().lookup(key)
+    }
+
+    /// The key index, built on first use: a command that finds its hosts
+    /// by id never pays for it.
+    fn index(&self) -> &Index {
+        self.index.get_or_init(|| {
+            let mut index = Index::default();
+            for e in self.entries.iter() {
+                let keys = match serde_json::from_str::<Light>(&e.json) {
+                    Ok(l) if !l.unusual => {
+                        keys_from(&l.macs, &l.serial, &l.uuid, &self.placeholders)
+                    }
+                    _ => keys_of(&e.host(), &self.placeholders),
+                };
+                for key in keys {
+                    index.add(key, e.id);
+                }
+            }
+            index.shrink_to_fit();
+            index
+        })
     }
 
     /// The id a new host gets: one more than the highest in use.
@@ -674,6 +1007,33 @@ impl Database {
     /// Forgets earlier changes, e.g. once they are saved.
     pub fn clear_changed(&mut self) {
         self.changed = false;
+        self.base_len = self.entries.len();
+        self.rewritten = false;
+    }
+
+    /// When the changes since [`Self::clear_changed`] only added hosts to a
+    /// database whose file is [verbatim](Self::write_json): how many hosts
+    /// there were before, for [`Self::write_tail`].
+    pub fn appended_from(&self) -> Option<usize> {
+        (self.changed && !self.rewritten && self.verbatim && self.base_len > 0)
+            .then_some(self.base_len)
+    }
+
+    /// Marks the database as what its file now holds, byte for byte (it
+    /// was just written by [`Self::write_json`] or [`Self::write_tail`]).
+    pub fn set_verbatim(&mut self) {
+        self.verbatim = true;
+    }
+
+    /// What turns the file of the first `from` hosts (at least one) into
+    /// the file of all of them: the bytes to write over its last three
+    /// (`"\n]\n"`).
+    pub fn write_tail(&self, from: usize, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for e in self.entries.iter().skip(from) {
+            w.write_all(b",\n    ")?;
+            w.write_all(e.json.as_bytes())?;
+        }
+        w.write_all(b"\n]\n")
     }
 
     /// How many hosts, when loaded, still had the `bootid` field of earlier
@@ -689,8 +1049,10 @@ impl Database {
         }
         let i = self.entries.len();
         let id = host.id;
-        for key in keys_of(&host, &self.placeholders) {
-            self.index.add(key, id);
+        if let Some(index) = self.index.get_mut() {
+            for key in keys_of(&host, &self.placeholders) {
+                index.add(key, id);
+            }
         }
         self.entries.push(Entry::new(&host));
         self.by_id.insert(id, i);
@@ -708,18 +1070,21 @@ impl Database {
         let result = f(&mut host);
         host.id = id;
         if host != before {
-            let old_keys = keys_of(&before, &self.placeholders);
-            let new_keys = keys_of(&host, &self.placeholders);
-            if old_keys != new_keys {
-                for k in &old_keys {
-                    self.index.remove(k, id);
-                }
-                for k in new_keys {
-                    self.index.add(k, id);
+            if let Some(index) = self.index.get_mut() {
+                let old_keys = keys_of(&before, &self.placeholders);
+                let new_keys = keys_of(&host, &self.placeholders);
+                if old_keys != new_keys {
+                    for k in &old_keys {
+                        index.remove(k, id);
+                    }
+                    for k in new_keys {
+                        index.add(k, id);
+                    }
                 }
             }
             self.entries.set(i, Entry::new(&host));
             self.changed = true;
+            self.rewritten |= i < self.base_len;
         }
         Some(result)
     }
@@ -728,10 +1093,13 @@ impl Database {
     pub fn remove(&mut self, id: u64) -> Option<Host> {
         let i = *self.by_id.get(&id)?;
         let host = self.entries.get(i).host();
-        for k in keys_of(&host, &self.placeholders) {
-            self.index.remove(&k, id);
+        if let Some(index) = self.index.get_mut() {
+            for k in keys_of(&host, &self.placeholders) {
+                index.remove(&k, id);
+            }
         }
         self.entries.remove(i);
+        self.rewritten = true;
         self.by_id.remove(&id);
         for pos in self.by_id.values_mut() {
             if *pos > i {
@@ -771,11 +1139,16 @@ pub fn set_path(map: &mut Map<String, Value>, path: &[String], value: Value) -> 
 
 /// The identity keys of a host, placeholders left out.
 pub fn keys_of(host: &Host, placeholders: &Placeholders) -> Vec<Key> {
-    let mut keys: Vec<Key> = host.mac_list().into_iter().map(Key::Mac).collect();
-    if let Some(s) = placeholders.serial_key(&host.serial) {
+    keys_from(&host.macs, &host.serial, &host.uuid, placeholders)
+}
+
+/// The identity keys of a host's `macs`, `serial` and `uuid` fields.
+fn keys_from(macs: &str, serial: &str, uuid: &str, placeholders: &Placeholders) -> Vec<Key> {
+    let mut keys: Vec<Key> = parse_mac_list(macs).0.into_iter().map(Key::Mac).collect();
+    if let Some(s) = placeholders.serial_key(serial) {
         keys.push(Key::Serial(s));
     }
-    if let Some(u) = placeholders.uuid_key(&host.uuid) {
+    if let Some(u) = placeholders.uuid_key(uuid) {
         keys.push(Key::Uuid(u));
     }
     keys
@@ -851,6 +1224,19 @@ mod tests {
 
     fn db(text: &str) -> Database {
         Database::parse(text.as_bytes(), Arc::new(Placeholders::default())).unwrap()
+    }
+
+    #[test]
+    fn bmc_is_read_and_written_only_when_set() {
+        let d = db(
+            r#"[{"id": 1, "macs": "52:54:00:00:00:01", "bmc": "ipmi://10.0.7.21"},
+            {"id": 2, "macs": "52:54:00:00:00:02", "bmc": ""}]"#,
+        );
+        assert_eq!(d.get(1).unwrap().bmc.as_deref(), Some("ipmi://10.0.7.21"));
+        assert_eq!(d.get(2).unwrap().bmc, None);
+        assert_eq!(d.get(1).unwrap().to_value()["bmc"], "ipmi://10.0.7.21");
+        assert!(d.get(2).unwrap().to_value().get("bmc").is_none());
+        assert!(d.get(1).unwrap().extra.is_empty());
     }
 
     #[test]
@@ -959,6 +1345,57 @@ mod tests {
         assert!(d.lookup(&sn).is_empty());
         d.update(2, |h| h.uuid = String::new());
         assert!(d.lookup(&uuid).is_empty());
+    }
+
+    /// The light reading at load time (see [`Light`]) accepts exactly what
+    /// the full reading accepts, and finds the same keys: each odd entry
+    /// follows a canonical first host, so it takes the light path.
+    #[test]
+    fn the_light_reading_agrees_with_the_full_reading() {
+        let first = Entry::new(&Host::new(1, &[], "S-first", "", "new"));
+        let odd = [
+            r#"{"id": 2, "macs": "52:54:00:00:00:02", "serial": "S\u0032", "uuid": "{0123456789ABCDEF0123456789ABCDEF}"}"#,
+            r#"{"id": 2, "serial": 12345}"#,
+            r#"{"id": "2", "serial": "S2"}"#,
+            r#"{"id": 2, "id": 3}"#,
+            r#"{"id": 2, "metadata": " "}"#,
+            r#"{"id": 2, "metadata": "x"}"#,
+            r#"{"id": 2, "metadata": [1]}"#,
+            r#"{"id": 2, "rack": 1e400}"#,
+            r#"{"id": 2, "metadata": {"a": 1e400}}"#,
+            r#"{"id": 2, "hostname": ["a"]}"#,
+            r#"{"id": 2, "hostname": null, "state": 7, "bootid": "x"}"#,
+            r#"{"id": -2}"#,
+            r#"{"serial": "S2"}"#,
+            r#"[2]"#,
+            r#"{"id": 2, "extra": {"deep": [[[{"k": "\ud800"}]]]}}"#,
+            r#"{"id": 2, "bmc": "ipmi://10.0.0.2"}"#,
+            r#"{"id": 2, "bmc": null}"#,
+            r#"{"id": 2, "bmc": 7}"#,
+            r#"{"id": 2, "bmc": true}"#,
+            r#"{"id": 2, "bmc": {"url": "ipmi://x"}}"#,
+            r#"{"id": 2, "bmc": "a", "bmc": "b"}"#,
+        ];
+        for entry in odd {
+            let text = format!("[\n    {},\n    {entry}\n]\n", first.json);
+            let placeholders = Arc::new(Placeholders::default());
+            let light = Database::parse(text.as_bytes(), placeholders.clone());
+            let full = serde_json::from_str::<Vec<Host>>(&text);
+            assert_eq!(light.is_ok(), full.is_ok(), "{entry}: {light:?} / {full:?}");
+            if let (Ok(db), Ok(hosts)) = (light, full) {
+                for h in &hosts {
+                    for key in keys_of(h, &placeholders) {
+                        assert_eq!(db.lookup(&key), [h.id], "{entry}: {key}");
+                    }
+                    assert_eq!(db.get(h.id).as_ref(), Some(h), "{entry}");
+                }
+                let bootids = hosts
+                    .iter()
+                    .filter(|h| h.extra.contains_key("bootid"))
+                    .count();
+                assert_eq!(db.legacy_bootids(), bootids, "{entry}");
+            }
+        }
     }
 
     #[test]

@@ -109,18 +109,26 @@ pub fn parse_csv(text: &str) -> Result<Vec<Row>, String> {
         seen.push(k);
     }
     let mut rows = Vec::new();
+    // The crate's own line count lags behind; count the newlines before
+    // each record instead, from where the last count ended (records come
+    // in file order).
+    let counted = std::cell::Cell::new((0usize, 1usize));
+    let line_at = |byte: u64| {
+        let b = text.as_bytes();
+        let mut end = (byte as usize).min(b.len());
+        // The position may point at the previous line's terminator.
+        while end < b.len() && matches!(b[end], b'\r' | b'\n') {
+            end += 1;
+        }
+        let (mut from, mut line) = counted.get();
+        if end < from {
+            (from, line) = (0, 1);
+        }
+        line += b[from..end].iter().filter(|c| **c == b'\n').count();
+        counted.set((end, line));
+        line
+    };
     for record in reader.records() {
-        // The crate's own line count lags behind; count the newlines
-        // before the record instead.
-        let line_at = |byte: u64| {
-            let b = text.as_bytes();
-            let mut end = (byte as usize).min(b.len());
-            // The position may point at the previous line's terminator.
-            while end < b.len() && matches!(b[end], b'\r' | b'\n') {
-                end += 1;
-            }
-            b[..end].iter().filter(|c| **c == b'\n').count() + 1
-        };
         let record = record.map_err(|e| match e.position() {
             Some(p) => format!("line {}: {e}", line_at(p.byte())),
             None => e.to_string(),

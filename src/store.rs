@@ -6,10 +6,19 @@
 //!
 //! - **What the operator configured**, `known_hosts.json`: each host's
 //!   identity, state chain, hostname and metadata, in the seed's format.
-//!   Every change replaces the file atomically: temp file in the same
-//!   directory, fsync, rename, fsync of the directory. It only changes when
-//!   configuration changes, so it never lags behind the truth, and tools
-//!   that read it see exactly what the service uses.
+//!   A change to existing hosts replaces the file atomically: temp file in
+//!   the same directory, fsync, rename, fsync of the directory. A change
+//!   that only adds hosts (a registration, `add`, new rows of an
+//!   inventory) to a file this version wrote is appended in place instead,
+//!   so that it costs what it writes, not the size of the fleet: its bytes
+//!   and place go first, synced, to a redo record `.known_hosts.json.grow`,
+//!   then over the file's closing `]`. A crash in between leaves a file
+//!   that does not parse and a record that finishes it: the next reader
+//!   replays it (only ever the same bytes at the same place of the same
+//!   file). The file only changes when configuration changes, so it never
+//!   lags behind the truth, and tools that read it see exactly what the
+//!   service uses (a tool that reads it raw may, for the microseconds of
+//!   an append, see it unfinished, and should read it again).
 //! - **What the service observed**, the runtime log
 //!   `.known_hosts.json.runtime` (hidden, so that no web server serves its
 //!   secrets): bootids, install attempts, last seen, holds. All of them
@@ -670,6 +679,23 @@ impl Inner {
     }
 
     fn read_file(&self) -> (Option<Stamp>, Result<Database, StoreError>) {
+        let (stamp, result) = self.read_file_once();
+        let Err(StoreError::Corrupt { .. }) = &result else {
+            return (stamp, result);
+        };
+        // A file torn by an interrupted append is finished from its record
+        // and read again; any other corrupt file is reported as it is.
+        match self.replay_grow() {
+            Ok(true) => self.read_file_once(),
+            Ok(false) => (stamp, result),
+            Err(e) => {
+                eprintln!("kiwispray: {e}");
+                (stamp, result)
+            }
+        }
+    }
+
+    fn read_file_once(&self) -> (Option<Stamp>, Result<Database, StoreError>) {
         let mut f = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -868,8 +894,16 @@ impl Inner {
         // The configuration first: a crash before the log is written
         // leaves a stale fact, never a machine that installs again.
         if txn.db.is_changed() {
+            let from = txn.db.appended_from();
             txn.db.clear_changed();
-            *replaced = self.save(Arc::new(txn.db))?;
+            let db = Arc::new(txn.db);
+            let grown = match from {
+                Some(from) => self.grow(&db, from)?,
+                None => false,
+            };
+            if !grown {
+                *replaced = self.save(db)?;
+            }
         }
         if !txn.patches.is_empty() {
             self.append_log(&txn.patches, txn.rt)?;
@@ -1073,6 +1107,7 @@ impl Inner {
             self.keep_owner(&f);
             let mut w = io::BufWriter::with_capacity(256 * 1024, f);
             db.write_json(&mut w)?;
+
             let f = w.into_inner().map_err(|e| e.into_error())?;
             f.sync_all()
         })();
@@ -1089,7 +1124,9 @@ impl Inner {
                 return Err(io_error("save", &self.path, e));
             }
             cache.file = stat(&self.path)?;
-            cache.db = Ok(db);
+            let mut db = Arc::unwrap_or_clone(db);
+            db.set_verbatim();
+            cache.db = Ok(Arc::new(db));
             cache.snap = None;
         }
         File::open(&dir)
@@ -1097,6 +1134,182 @@ impl Inner {
             .map_err(|e| io_error("save", &self.path, e))?;
         Ok(old)
     }
+
+    /// Appends the hosts `from..` of `db` to the file in place, when the
+    /// file is the one this store read (its stamp unchanged) and `db`'s
+    /// first `from` hosts are its exact bytes: a registration then costs
+    /// what it writes, not a rewrite of the whole database. Returns false
+    /// (nothing done) when the file does not qualify; the caller saves it
+    /// whole.
+    ///
+    /// The append is made safe by a redo record: the bytes and where they
+    /// go are first written, durably, to `.known_hosts.json.grow`, then
+    /// written over the file's closing `"\n]\n"`, synced, and the record
+    /// emptied. A file torn by a crash in between does not parse; the
+    /// reader that finds it so replays the record ([`Self::replay_grow`]),
+    /// which only ever writes the same bytes at the same place again.
+    fn grow(&self, db: &Arc<Database>, from: usize) -> Result<bool, StoreError> {
+        let expected = lock(&self.cache).file;
+        let Some(expected) = expected else {
+            return Ok(false);
+        };
+        let mut f = match OpenOptions::new().read(true).write(true).open(&self.path) {
+            Ok(f) => f,
+            Err(_) => return Ok(false),
+        };
+        let meta = f.metadata().map_err(|e| io_error("save", &self.path, e))?;
+        if Stamp::of(&meta) != expected || meta.len() < 3 {
+            return Ok(false);
+        }
+        let offset = meta.len() - 3;
+        let mut end = [0u8; 3];
+        f.seek(io::SeekFrom::Start(offset))
+            .and_then(|_| f.read_exact(&mut end))
+            .map_err(|e| io_error("save", &self.path, e))?;
+        if &end != b"\n]\n" {
+            return Ok(false);
+        }
+        let mut tail = Vec::new();
+        db.write_tail(from, &mut tail)
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let mut before = vec![0u8; offset.min(GROW_CONTEXT) as usize];
+        f.seek(io::SeekFrom::Start(offset - before.len() as u64))
+            .and_then(|_| f.read_exact(&mut before))
+            .map_err(|e| io_error("save", &self.path, e))?;
+        let record = GrowRecord {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            offset,
+            len: tail.len() as u64,
+            before,
+        };
+        self.write_grow_record(&record, &tail)?;
+        {
+            // The record makes the append durable; readers that see the
+            // grown file find it in the cache (as with a rename in `save`).
+            let mut cache = lock(&self.cache);
+            let written = f
+                .seek(io::SeekFrom::Start(offset))
+                .and_then(|_| f.write_all(&tail));
+            if let Err(e) = written {
+                // The record stays: the next reader finishes the append.
+                return Err(io_error("save", &self.path, e));
+            }
+            cache.file = stat(&self.path)?;
+            cache.db = Ok(db.clone());
+            cache.snap = None;
+        }
+        f.sync_data().map_err(|e| io_error("save", &self.path, e))?;
+        // Emptied, not removed, so that the next append need not sync the
+        // directory; a record that outlives this (a crash right here) is
+        // of a complete append, which replaying writes once more.
+        if let Ok(g) = OpenOptions::new().write(true).open(self.grow_path()) {
+            let _ = g.set_len(0);
+        }
+        Ok(true)
+    }
+
+    fn grow_path(&self) -> PathBuf {
+        beside(&self.path, ".grow")
+    }
+
+    /// Writes the redo record of an append and syncs it (and, when the
+    /// record file is new, its directory).
+    fn write_grow_record(&self, record: &GrowRecord, tail: &[u8]) -> Result<(), StoreError> {
+        let path = self.grow_path();
+        let created = !path.exists();
+        let mut text =
+            serde_json::to_vec(record).map_err(|e| StoreError::Internal(e.to_string()))?;
+        text.push(b'\n');
+        text.extend_from_slice(tail);
+        let written = (|| -> io::Result<()> {
+            let mut g = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
+            if created {
+                self.keep_mode(&g)?;
+                self.keep_owner(&g);
+            }
+            g.set_len(0)?;
+            g.write_all(&text)?;
+            g.sync_data()?;
+            if created {
+                let (dir, _) = self.dir_and_name();
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        written.map_err(|e| io_error("save", &path, e))
+    }
+
+    /// Finishes an append that a crash (or a writer still at work) left
+    /// half done: writes the recorded bytes at the recorded place of the
+    /// same file and cuts it there. Called when the file does not parse;
+    /// returns whether there was a record for this file to replay.
+    fn replay_grow(&self) -> Result<bool, StoreError> {
+        let path = self.grow_path();
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_error("read", &path, e)),
+        };
+        let Some(nl) = text.iter().position(|b| *b == b'\n') else {
+            return Ok(false);
+        };
+        let Ok(record) = serde_json::from_slice::<GrowRecord>(&text[..nl]) else {
+            return Ok(false);
+        };
+        let tail = &text[nl + 1..];
+        if tail.len() as u64 != record.len {
+            // A record being written: its writer has not touched the file.
+            return Ok(false);
+        }
+        let replayed = (|| -> io::Result<bool> {
+            let mut f = OpenOptions::new().read(true).write(true).open(&self.path)?;
+            let meta = f.metadata()?;
+            // The same file, cut or grown only where the append writes,
+            // with the same bytes before that place: the record is of this
+            // file's last append, not of an earlier one that completed
+            // before the file was edited in place.
+            if (meta.dev(), meta.ino()) != (record.dev, record.ino)
+                || meta.len() < record.offset
+                || meta.len() > record.offset + record.len
+                || record.before.len() as u64 > record.offset
+            {
+                return Ok(false);
+            }
+            let mut before = vec![0u8; record.before.len()];
+            f.seek(io::SeekFrom::Start(record.offset - before.len() as u64))?;
+            f.read_exact(&mut before)?;
+            let mut now = Vec::new();
+            f.read_to_end(&mut now)?;
+            if before != record.before || now == tail {
+                return Ok(false);
+            }
+            f.seek(io::SeekFrom::Start(record.offset))?;
+            f.write_all(tail)?;
+            f.set_len(record.offset + record.len)?;
+            f.sync_data()?;
+            Ok(true)
+        })();
+        replayed.map_err(|e| io_error("repair", &self.path, e))
+    }
+}
+
+/// How many bytes before an append its record keeps, to recognise the file.
+const GROW_CONTEXT: u64 = 256;
+
+/// Where an append to the database goes (see [`Inner::grow`]).
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct GrowRecord {
+    dev: u64,
+    ino: u64,
+    offset: u64,
+    len: u64,
+    /// The file's bytes just before `offset`.
+    before: Vec<u8>,
 }
 
 #[cfg(test)]
@@ -1150,6 +1363,121 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    fn ino(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().ino()
+    }
+
+    #[test]
+    fn new_hosts_are_appended_in_place_and_other_changes_replace_the_file() {
+        let dir = temp_root("grow");
+        let path = dir.join("known_hosts.json");
+        let s = store(&dir);
+        hosts_in_install(&s, 3);
+        let first = ino(&path);
+        // registrations: the same file, grown, reading as the whole database
+        for id in 4..=6 {
+            s.modify(move |t| {
+                t.db.insert(Host::new(id, &[], &format!("SN{id}"), "", "new"))
+            })
+            .unwrap()
+            .unwrap();
+            assert_eq!(ino(&path), first, "host {id} was appended in place");
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        let again = store(&dir).snapshot().unwrap();
+        assert_eq!(again.len(), 6);
+        assert_eq!(again.to_json(), text, "the file is what a full write gives");
+        assert_eq!(
+            fs::metadata(dir.join(".known_hosts.json.grow"))
+                .unwrap()
+                .len(),
+            0
+        );
+        // another process appends to the file this one read
+        store(&dir)
+            .modify(|t| t.db.insert(Host::new(7, &[], "SN7", "", "new")))
+            .unwrap()
+            .unwrap();
+        s.modify(|t| t.db.insert(Host::new(8, &[], "SN8", "", "new")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ino(&path), first);
+        assert_eq!(
+            store(&dir).snapshot().unwrap().ids().collect::<Vec<_>>(),
+            (1..=8).collect::<Vec<_>>()
+        );
+        // a change to an existing host replaces the file
+        s.modify(|t| t.db.update(2, |h| h.state = "finished".into()))
+            .unwrap();
+        assert_ne!(ino(&path), first);
+        // a file in another form is written whole, then appended to
+        fs::write(&path, "[{\"id\": 1, \"state\": \"new\"}]").unwrap();
+        let s = store(&dir);
+        s.modify(|t| t.db.insert(Host::new(2, &[], "SN2", "", "new")))
+            .unwrap()
+            .unwrap();
+        let whole = ino(&path);
+        s.modify(|t| t.db.insert(Host::new(3, &[], "SN3", "", "new")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ino(&path), whole);
+        assert_eq!(store(&dir).snapshot().unwrap().len(), 3);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A crash in the middle of an append: its record is durable, the file
+    /// holds part of the new bytes and does not parse. The next reader
+    /// finishes the append; a corrupt file that is not such a torn append
+    /// is left as it is, record or not.
+    #[test]
+    fn a_torn_append_is_finished_by_the_next_reader() {
+        let dir = temp_root("torn-grow");
+        let path = dir.join("known_hosts.json");
+        let grow = dir.join(".known_hosts.json.grow");
+        let s = store(&dir);
+        hosts_in_install(&s, 2);
+        s.modify(|t| t.db.insert(Host::new(3, &[], "SN3", "", "new")))
+            .unwrap()
+            .unwrap();
+        let complete = fs::read(&path).unwrap();
+        // the same append, torn: take the file back to two hosts, write the
+        // record, then only part of the bytes
+        let s2 = store(&dir);
+        s2.modify(|t| t.db.remove(3)).unwrap();
+        let two = fs::read(&path).unwrap();
+        let offset = two.len() as u64 - 3;
+        let tail = &complete[offset as usize..];
+        let before = two[(offset - GROW_CONTEXT) as usize..offset as usize].to_vec();
+        let record = GrowRecord {
+            dev: fs::metadata(&path).unwrap().dev(),
+            ino: ino(&path),
+            offset,
+            len: tail.len() as u64,
+            before,
+        };
+        let mut text = serde_json::to_vec(&record).unwrap();
+        text.push(b'\n');
+        text.extend_from_slice(tail);
+        fs::write(&grow, &text).unwrap();
+        let mut torn = two[..offset as usize].to_vec();
+        torn.extend_from_slice(&tail[..tail.len() / 2]);
+        fs::write(&path, &torn).unwrap();
+        assert_eq!(ino(&path), record.ino, "written in place");
+        let snap = store(&dir).snapshot().unwrap();
+        assert_eq!(snap.len(), 3, "the append was finished");
+        assert_eq!(fs::read(&path).unwrap(), complete);
+        // corrupt elsewhere, with the record of that complete append: untouched
+        let mut bad = complete.clone();
+        bad[10] = b'#';
+        fs::write(&path, &bad).unwrap();
+        assert!(matches!(
+            store(&dir).snapshot(),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert_eq!(fs::read(&path).unwrap(), bad);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

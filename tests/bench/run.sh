@@ -12,7 +12,14 @@
 #   4. a 1 GiB image download and 64 KiB range requests, vs a plain nginx
 #      server block on the same file;
 #   5. resident memory of kiwispray-fcgi;
-#   6. how the figures scale from 1k to 10k to 100k hosts.
+#   6. how the figures scale from 1k to 10k to 100k hosts;
+#   7. the ceiling of the architecture: a no-op FastCGI responder on the
+#      vendored fastcgi crate (examples/noop-fcgi.rs) behind the same
+#      nginx, answering the finished host's bytes to the same requests;
+#   8. the CLI on the same database: a single-host command (by id, and by
+#      MAC, which builds the key index), a bulk `set --where` of 1,000
+#      hosts, and `import-inventory` of 10,000 rows (half updates of
+#      existing hosts, half new ones), each as one write.
 #
 # It prints a table and writes it to target/bench/results.md. These are
 # benchmarks: a missed target is reported, not failed. A lost registration,
@@ -66,6 +73,11 @@ done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 [ -x "$NGINX" ] || die "nginx is not installed (make deps-bench installs it)"
 [ -x "$BIN_DIR/kiwispray-fcgi" ] || die "$BIN_DIR/kiwispray-fcgi is missing; run make build"
+NOOP=${NOOP:-$BIN_DIR/examples/noop-fcgi}
+if [ ! -x "$NOOP" ]; then
+    say "building the no-op responder (examples/noop-fcgi.rs)"
+    (cd "$repo" && cargo build --release --locked --example noop-fcgi) >&2 || die "cannot build examples/noop-fcgi.rs"
+fi
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port=${PORT:-15680}
@@ -140,6 +152,22 @@ for size in "${sizes[@]}"; do
         -e "/^\s*listen\s\+\[::\]:5000;/d" \
         -e "s#access_log /var/log/nginx/kiwispray.access.log;#access_log $run/access.log;#" \
         "$repo/nginx/kiwispray.conf" >"$run/kiwispray.conf"
+    # The no-op responder, in the same server block and configured like
+    # the handler's own location.
+    noop_sock="$run/noop.sock"
+    awk -v sock="$noop_sock" '
+        /^[[:space:]]*location ~ \^\/\(bootstrap\|/ && !done {
+            print "    location = /noop {"
+            print "        include /etc/nginx/fastcgi_params;"
+            print "        fastcgi_param HTTP_HOST $http_host;"
+            print "        fastcgi_pass unix:" sock ";"
+            print "        fastcgi_next_upstream off;"
+            print "    }"
+            done = 1
+        }
+        { print }' "$run/kiwispray.conf" >"$run/kiwispray.conf.new"
+    mv "$run/kiwispray.conf.new" "$run/kiwispray.conf"
+    grep -q 'location = /noop' "$run/kiwispray.conf" || die "could not add the no-op location to the nginx config"
     cat >"$run/nginx.conf" <<NGINX
 $user_line
 worker_processes 2;
@@ -181,12 +209,19 @@ NGINX
     grep -q 'exit 1' "$root/images/bench/finished.ipxe" || die "host 1 is not answered as finished"
     rss_idle=$(awk '/VmRSS/ { print int($2 / 1024) }' "/proc/$fcgi_pid/status")
 
+    "$NOOP" "$noop_sock" "$root/images/bench/finished.ipxe" 2>>"$run/noop.log" &
+    pids+=($!)
+    for _ in $(seq 100); do [ -S "$noop_sock" ] && break; sleep 0.05; done
+    cmp -s <(curl -s "$base/noop") "$root/images/bench/finished.ipxe" ||
+        die "the no-op responder does not answer the finished host's bytes (see $run/noop.log)"
+
     read -r static_rps static_err < <(run_wrk bootstrap.lua finished "$base/images/bench/finished.ipxe")
+    read -r noop_rps noop_err < <(run_wrk bootstrap.lua finished "$base/noop")
     read -r fin_rps_now fin_err < <(run_wrk bootstrap.lua finished "$base/bootstrap")
     read -r inst_rps inst_err < <(run_wrk bootstrap.lua install "$base/bootstrap")
     fin_rps[$size]=$fin_rps_now
-    say "static $static_rps/s, finished $fin_rps_now/s, install $inst_rps/s"
-    for e in "$static_err" "$fin_err" "$inst_err"; do
+    say "static $static_rps/s, no-op responder $noop_rps/s, finished $fin_rps_now/s, install $inst_rps/s"
+    for e in "$static_err" "$noop_err" "$fin_err" "$inst_err"; do
         [ "$e" = 0 ] || { say "error responses during the /bootstrap runs (see $run/wrk.log)"; failed=1; }
     done
 
@@ -238,7 +273,36 @@ NGINX
     ks_mbs=$(awk -v b="$ks_bps" 'BEGIN { printf "%.0f", b / 1048576 }')
     plain_mbs=$(awk -v b="$plain_bps" 'BEGIN { printf "%.0f", b / 1048576 }')
 
-    rows+=("| $size | $static_rps | $fin_rps_now | $(ratio "$fin_rps_now" "$static_rps") | $inst_rps | $storm_s s, $storm_ok/$storm, lost $storm_lost, dup $storm_dup, 503 $storm_503 | $ks_mbs / $plain_mbs MiB/s ($(ratio "$ks_bps" "$plain_bps")) | $ks_range / $plain_range ($(ratio "$ks_range" "$plain_range")) | $rss_idle / $rss / $hwm | $threads | $load_s s |")
+    # The CLI on the same database, with the handler running.
+    cli_s() { # prints the wall time of one kiwispray-hosts command
+        local t0
+        t0=$(date +%s.%N)
+        "$BIN_DIR/kiwispray-hosts" --root "$root" "$@" >>"$run/cli.log" 2>&1 ||
+            die "kiwispray-hosts $* failed (see $run/cli.log)"
+        awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'
+    }
+    show_id_s=$(cli_s show 5)
+    show_mac_s=$(cli_s show 0C:C4:7A:00:00:05)
+    bulk=$((size < 2000 ? size / 2 : 1000))
+    bulk_s=$(cli_s set --where "id=1-$bulk" --meta-set bench.bulk=1 --yes)
+    bulk_now=$(grep -c '"bulk": 1' "$root/known_hosts.json" || true)
+    [ "$bulk_now" = "$bulk" ] || { say "bulk set changed $bulk_now hosts, not $bulk"; failed=1; }
+    # the inventory: half of its rows existing hosts (by MAC), half new
+    rows_n=$((size < 20000 ? size / 2 : 10000))
+    awk -v n="$rows_n" 'BEGIN {
+        print "mac,serial,hostname,metadata.rack"
+        for (j = 1; j <= n; j++) {
+            if (j % 2) { i = j; printf "0C:C4:7A:%02X:%02X:%02X,,inv%06d.example.net,R%02d\n", int(i / 65536) % 256, int(i / 256) % 256, i % 256, j, j % 40 }
+            else printf "02:BE:00:%02X:%02X:%02X,INV%07d,inv%06d.example.net,R%02d\n", int(j / 65536) % 256, int(j / 256) % 256, j % 256, j, j, j % 40
+        }
+    }' >"$run/inventory.csv"
+    import_s=$(cli_s import-inventory "$run/inventory.csv")
+    imported=$(curl -s "$base/hosts" | tail -n +2 | grep -c . || true)
+    [ "$imported" = $((size + storm + rows_n / 2)) ] ||
+        { say "after the import /hosts lists $imported hosts, not $((size + storm + rows_n / 2))"; failed=1; }
+    say "CLI: show by id ${show_id_s}s, by MAC ${show_mac_s}s, set --where of $bulk ${bulk_s}s, import of $rows_n rows ${import_s}s"
+
+    rows+=("| $size | $static_rps | $noop_rps | $fin_rps_now | $(ratio "$fin_rps_now" "$noop_rps") | $(ratio "$fin_rps_now" "$static_rps") | $inst_rps | $storm_s s, $storm_ok/$storm, lost $storm_lost, dup $storm_dup, 503 $storm_503 | $ks_mbs / $plain_mbs MiB/s ($(ratio "$ks_bps" "$plain_bps")) | $ks_range / $plain_range ($(ratio "$ks_range" "$plain_range")) | $rss_idle / $rss / $hwm | $threads | $load_s s | $show_id_s / $show_mac_s s | $bulk_s s ($bulk) | $import_s s ($rows_n) |")
     cleanup
 done
 
@@ -250,8 +314,8 @@ machine="$(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' 
     echo "$conns connections (range: 16), storm of $storm at $storm_conns connections,"
     echo "image of $((image_size / 1048576)) MiB${smoke:+, smoke run}."
     echo
-    echo "| hosts | static req/s | finished /bootstrap req/s | ratio | install /bootstrap req/s | registration storm | image download ks / plain (ratio) | range req/s ks / plain (ratio) | RSS MiB idle / after / peak | threads | first request (load) |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| hosts | static req/s | no-op FastCGI req/s | finished /bootstrap req/s | ratio to no-op | ratio to static | install /bootstrap req/s | registration storm | image download ks / plain (ratio) | range req/s ks / plain (ratio) | RSS MiB idle / after / peak | threads | first request (load) | CLI show by id / MAC | set --where | import-inventory |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${rows[@]}"
     echo
     prev=
