@@ -11,7 +11,8 @@ APT_GET = DEBIAN_FRONTEND=noninteractive apt-get -y -q
 SERVE_PKGS = $(if $(filter lighttpd,$(WEB)),lighttpd,nginx)
 TEST_PKGS = nginx curl wrk dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
 	lighttpd rpm systemd git prometheus chromium chromium-driver \
-	mmdebstrap fdisk e2fsprogs dosfstools mtools python3-pip
+	mmdebstrap fdisk e2fsprogs dosfstools mtools python3-pip \
+	openipmi ipmitool python3-venv openssl
 RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 
@@ -41,6 +42,7 @@ deps-test: deps-build
 	$(call apt_install,$(TEST_PKGS))
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@[ -x /var/cache/kiwispray-venv/bin/sushy-emulator ] || { python3 -m venv /var/cache/kiwispray-venv && /var/cache/kiwispray-venv/bin/pip install -q sushy-tools; }
 
 deps-bench: deps-build
 	$(call apt_install,$(BENCH_PKGS))

@@ -13,7 +13,8 @@
 //!   "install_deadline_minutes": 60,
 //!   "hold_overdue": false,
 //!   "max_installs": 50,
-//!   "trusted_proxies": ["10.20.0.2", "10.30.0.2"]
+//!   "trusted_proxies": ["10.20.0.2", "10.30.0.2"],
+//!   "bmc_credentials": "/etc/kiwispray/bmc-credentials.json"
 //! }
 //! ```
 //!
@@ -25,6 +26,8 @@
 //! `max_installs` caps how many hosts install at once (absent: no cap).
 //! `trusted_proxies` lists the edge servers (nginx/kiwispray-edge.conf) whose
 //! `X-Real-IP` / `X-Forwarded-For` name the machine behind them.
+//! `bmc_credentials` is where the BMC credentials are (default
+//! `<root>/bmc-credentials.json`; see [`crate::bmc::credentials`]).
 //!
 //! This is also the one place where a state name becomes a path
 //! ([`Config::image_dir`] and the template lists built on it): every caller,
@@ -75,6 +78,8 @@ struct FileSettings {
     database: Option<PathBuf>,
     #[serde(default)]
     event_log: Option<PathBuf>,
+    #[serde(default)]
+    bmc_credentials: Option<PathBuf>,
 }
 
 /// The resolved settings.
@@ -100,6 +105,8 @@ pub struct Config {
     /// Edge servers whose forwarding headers are believed (see
     /// [`crate::api::forwarded_machine`]); from anyone else they are ignored.
     pub trusted_proxies: Vec<IpAddr>,
+    /// The BMC credentials file.
+    pub bmc_credentials: PathBuf,
 }
 
 /// Install boots without a `/finish` before a host is held, unless set.
@@ -134,6 +141,10 @@ impl Config {
             root: root.to_path_buf(),
             database: in_root(settings.database, DATABASE_FILE),
             events: in_root(settings.event_log, EVENTS_FILE),
+            bmc_credentials: in_root(
+                settings.bmc_credentials,
+                crate::bmc::credentials::CREDENTIALS_FILE,
+            ),
             discover: settings.discover,
             placeholder_serials: settings.placeholder_serials,
             placeholder_uuids: settings.placeholder_uuids,

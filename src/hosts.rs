@@ -42,6 +42,11 @@ pub struct Host {
     pub hostname: String,
     pub state: String,
     pub metadata: Map<String, Value>,
+    /// The machine's BMC, e.g. `ipmi://10.0.7.21` or `redfish://10.0.7.22`
+    /// (see [`crate::bmc::BmcUrl`]); written only when set, so a database
+    /// without BMCs keeps the seed's format. Never a credential.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bmc: Option<String>,
     /// Fields written by other tools; kept as they are.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -82,6 +87,11 @@ impl<'de> Deserialize<'de> for Host {
                                 metadata_from(map.next_value()?).map_err(A::Error::custom)?;
                             continue;
                         }
+                        "bmc" => {
+                            host.bmc =
+                                opt_string_from(map.next_value()?).map_err(A::Error::custom)?;
+                            continue;
+                        }
                         _ => {
                             let value = map.next_value()?;
                             host.extra.insert(key, value);
@@ -120,6 +130,16 @@ fn string_from(v: Value) -> Result<String, String> {
     }
 }
 
+fn opt_string_from(v: Value) -> Result<Option<String>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s.trim().is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        other => Err(format!("bmc must be a string, found {other}")),
+    }
+}
+
 fn metadata_from(v: Value) -> Result<Map<String, Value>, String> {
     match v {
         Value::Null => Ok(Map::new()),
@@ -140,6 +160,7 @@ impl Host {
             hostname: HOSTNAME_NOT_SET.to_string(),
             state: state.to_string(),
             metadata: Map::new(),
+            bmc: None,
             extra: Map::new(),
         }
     }
@@ -522,7 +543,7 @@ impl<'de> serde::de::Visitor<'de> for LightVisitor {
             bootid: false,
             unusual: false,
         };
-        let mut seen = [false; 8];
+        let mut seen = [false; 9];
         let mut has_id = false;
         while let Some(key) = map.next_key::<LightField>()? {
             let LightField::Text(key) = key else {
@@ -536,9 +557,10 @@ impl<'de> serde::de::Visitor<'de> for LightVisitor {
                 "hostname" => 4,
                 "state" => 5,
                 "metadata" => 6,
-                _ => 7,
+                "bmc" => 7,
+                _ => 8,
             };
-            if slot < 7 && std::mem::replace(&mut seen[slot], true) {
+            if slot < 8 && std::mem::replace(&mut seen[slot], true) {
                 light.unusual = true;
             }
             match slot {
@@ -549,7 +571,7 @@ impl<'de> serde::de::Visitor<'de> for LightVisitor {
                     }
                     _ => light.unusual = true,
                 },
-                1..=5 => match map.next_value::<LightField>()? {
+                1..=5 | 7 => match map.next_value::<LightField>()? {
                     LightField::Text(t) => match slot {
                         1 => light.macs = t,
                         2 => light.serial = t,
@@ -1205,6 +1227,19 @@ mod tests {
     }
 
     #[test]
+    fn bmc_is_read_and_written_only_when_set() {
+        let d = db(
+            r#"[{"id": 1, "macs": "52:54:00:00:00:01", "bmc": "ipmi://10.0.7.21"},
+            {"id": 2, "macs": "52:54:00:00:00:02", "bmc": ""}]"#,
+        );
+        assert_eq!(d.get(1).unwrap().bmc.as_deref(), Some("ipmi://10.0.7.21"));
+        assert_eq!(d.get(2).unwrap().bmc, None);
+        assert_eq!(d.get(1).unwrap().to_value()["bmc"], "ipmi://10.0.7.21");
+        assert!(d.get(2).unwrap().to_value().get("bmc").is_none());
+        assert!(d.get(1).unwrap().extra.is_empty());
+    }
+
+    #[test]
     fn seed_database_round_trips_with_unknown_fields() {
         let text = r#"[{"id": 3, "macs": "52:54:00:00:00:01", "serial": "S1", "uuid": "",
             "hostname": "a", "state": "finished", "metadata": {"z": 1, "a": {"b": "c"}},
@@ -1334,6 +1369,12 @@ mod tests {
             r#"{"serial": "S2"}"#,
             r#"[2]"#,
             r#"{"id": 2, "extra": {"deep": [[[{"k": "\ud800"}]]]}}"#,
+            r#"{"id": 2, "bmc": "ipmi://10.0.0.2"}"#,
+            r#"{"id": 2, "bmc": null}"#,
+            r#"{"id": 2, "bmc": 7}"#,
+            r#"{"id": 2, "bmc": true}"#,
+            r#"{"id": 2, "bmc": {"url": "ipmi://x"}}"#,
+            r#"{"id": 2, "bmc": "a", "bmc": "b"}"#,
         ];
         for entry in odd {
             let text = format!("[\n    {},\n    {entry}\n]\n", first.json);

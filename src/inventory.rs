@@ -372,7 +372,7 @@ fn plan_row(
                 host.state = s.clone();
             }
             if let Some(b) = &row.bmc {
-                host.extra.insert("bmc".into(), Value::String(b.clone()));
+                host.bmc = Some(b.clone());
             }
             apply_metadata(&mut host.metadata, &row.metadata)?;
             Action::Add(host)
@@ -406,7 +406,7 @@ fn plan_row(
                 after.state = s.clone();
             }
             if let Some(b) = &row.bmc {
-                after.extra.insert("bmc".into(), Value::String(b.clone()));
+                after.bmc = Some(b.clone());
             }
             apply_metadata(&mut after.metadata, &row.metadata)?;
             // The row's keys may not belong to any other host.

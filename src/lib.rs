@@ -18,8 +18,11 @@
 //!   across processes; [`view`]: the JSON form of a host (CLI and API).
 //! - [`cli`]: the `kiwispray-hosts` commands; [`images`]: KIWI image and live ISO import;
 //!   [`inventory`]: inventory import as a pure plan.
+//! - [`bmc`]: out-of-band power through BMCs (IPMI, Redfish) and their
+//!   credentials.
 
 pub mod api;
+pub mod bmc;
 pub mod cli;
 pub mod config;
 pub mod events;

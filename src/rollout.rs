@@ -36,6 +36,9 @@ pub struct Rollout {
     pub waves: Vec<Wave>,
     /// Unix seconds.
     pub created: u64,
+    /// Each wave is kicked through its BMCs (`--power-cycle`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub power_cycle: bool,
 }
 
 /// Where one host of a rollout stands.
@@ -157,6 +160,7 @@ mod tests {
             hosts: (1..=n).collect(),
             waves: Vec::new(),
             created: 0,
+            power_cycle: false,
         }
     }
 

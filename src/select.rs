@@ -270,11 +270,7 @@ fn field_matches(field: &Field, pattern: &str, host: &Host) -> bool {
                 .iter()
                 .any(|m| glob(&wanted, &m.to_string()))
         }
-        Field::Bmc => host
-            .extra
-            .get("bmc")
-            .and_then(Value::as_str)
-            .is_some_and(|b| glob(pattern, b)),
+        Field::Bmc => host.bmc.as_deref().is_some_and(|b| glob(pattern, b)),
         Field::Metadata(path) => {
             let mut cur = Some(&Value::Object(host.metadata.clone()));
             for p in path {

@@ -41,6 +41,14 @@ pub fn add(ctx: &Ctx, a: &AddArgs) -> Result<Exit> {
         Some(s) => check_states(&ctx.config.images_dir(), &ctx.config.templates_dir(), s)?,
         None => STATE_NEW.to_string(),
     };
+    let bmc = match &a.bmc {
+        Some(b) => Some(
+            crate::bmc::BmcUrl::parse(b)
+                .map_err(Error::usage)?
+                .to_string(),
+        ),
+        None => None,
+    };
     let metadata = match &a.meta {
         Some(m) => parse_object("--meta", m)?,
         None => Map::new(),
@@ -66,6 +74,7 @@ pub fn add(ctx: &Ctx, a: &AddArgs) -> Result<Exit> {
         let mut host = Host::new(id, &macs, &serial, &uuid, &state);
         host.hostname = hostname;
         host.metadata = metadata;
+        host.bmc = bmc;
         txn.db.insert(host.clone()).map_err(Error::io)?;
         txn.record(Event::now(id, "", &host.state, CAUSE, ""));
         Ok(host)

@@ -12,11 +12,7 @@ use crate::runtime;
 use std::path::PathBuf;
 
 fn check_bmc(b: &str) -> std::result::Result<(), String> {
-    if b.chars().any(|c| c.is_control() || c.is_whitespace()) || b.len() > 512 {
-        Err(format!("bmc {b:?} is not a URL"))
-    } else {
-        Ok(())
-    }
+    crate::bmc::BmcUrl::parse(b).map(|_| ())
 }
 
 fn plan_with(ctx: &Ctx, db: &crate::hosts::Database, rows: &[Row], next_id: u64) -> Plan {

@@ -1,5 +1,5 @@
 //! `kiwispray-hosts list`: the hosts as a table (id, hostname, state,
-//! STATUS, serial, MACs; `-v` adds UUID, last seen and metadata) or as JSON,
+//! STATUS, serial, MACs; `-v` adds UUID, last seen, BMC and metadata) or as JSON,
 //! filtered by current state, held, overdue or `--where`. Reads only.
 
 use super::display::{cell, host_json, seen_text, status, table};
@@ -43,6 +43,7 @@ pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<Exit> {
             "SERIAL",
             "UUID",
             "LAST SEEN",
+            "BMC",
             "MACS",
             "METADATA",
         ]
@@ -65,6 +66,7 @@ pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<Exit> {
                 cell(&h.serial),
                 cell(&h.uuid),
                 seen_text(rt, now),
+                cell(h.bmc.as_deref().unwrap_or("")),
                 cell(&macs.join(",")),
                 if h.metadata.is_empty() {
                     "-".into()

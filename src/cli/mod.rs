@@ -1,7 +1,8 @@
 //! The operator's command line, `kiwispray-hosts`: the clap definition of
 //! every command, the translation of the seed's `edit-host.py` flags, exit
 //! codes and error reporting, and the dispatch to one file per command
-//! (`list`, `show`, `add`, `set`, `remove`, `release`, `history`,
+//! (`list`, `show`, `add`, `set`, `remove`, `release`, `history`, `power`,
+//! `reinstall`,
 //! [`preview`] for `render`, [`check`]; imports in [`crate::images`]), with
 //! what they share in [`hosts`] (naming hosts, checking edits) and
 //! [`display`] (tables, JSON). Nothing below [`run`] sees clap or the
@@ -19,7 +20,9 @@ pub mod hosts;
 mod import_inventory;
 mod list;
 pub mod man;
+mod power;
 pub mod preview;
+mod reinstall;
 mod release;
 mod remove;
 mod rollout;
@@ -207,6 +210,31 @@ pub enum Cmd {
     Set(SetArgs),
     /// Remove a host from the database.
     Remove(RemoveArgs),
+    /// Switch hosts on or off, power-cycle them, or ask their power, through their BMCs.
+    #[command(
+        long_about = "Switch hosts on or off, power-cycle them (on if they are off), or ask \
+                      their power, through each host's BMC (set it with set HOST --bmc URL). \
+                      Give the hosts, then the action: power web01 web02 cycle, or \
+                      power --where 'metadata.rack=R7' status. The BMCs are asked in \
+                      parallel, at most --jobs at once, each within --timeout. The credentials \
+                      come from bmc-credentials.json (mode 0600) and never show in output. \
+                      Prints a table of host, BMC and result (--json for scripts); each action \
+                      is recorded in the event log with cause \"power\". Exit status 0 only \
+                      if every host succeeded, else 4."
+    )]
+    Power(PowerArgs),
+    /// Set hosts to an image and make them install it now: network boot once, power-cycle.
+    #[command(
+        long_about = "Reinstall hosts from the desk: set their state (with the same checks \
+                      as set --state), ask each BMC for one network (PXE) boot (IPMI chassis \
+                      bootdev pxe, with options=efiboot where the host last booted with UEFI; \
+                      Redfish BootSourceOverrideEnabled Once, Target Pxe), and power-cycle it \
+                      (on if it is off). Hosts without a BMC or credentials refuse the whole \
+                      command before anything changes. A host whose BMC step fails has its \
+                      state set back, and the table says so. Exit status 0 only if every host \
+                      was kicked, else 4."
+    )]
+    Reinstall(ReinstallArgs),
     /// Release held hosts, so that their next boot installs again.
     #[command(
         long_about = "Release held hosts. A host is held when its install failed (/fail), \
@@ -380,6 +408,10 @@ pub struct AddArgs {
     /// Metadata, a JSON object.
     #[arg(long, value_name = "JSON")]
     pub meta: Option<String>,
+    /// The machine's BMC: ipmi://ADDRESS[:PORT] or
+    /// redfish://ADDRESS[:PORT][/redfish/v1/Systems/ID].
+    #[arg(long, value_name = "URL")]
+    pub bmc: Option<String>,
     /// Print the new host as JSON.
     #[arg(long)]
     pub json: bool,
@@ -411,7 +443,69 @@ pub struct SetArgs {
     /// Remove one metadata value; KEY may be dotted.
     #[arg(long = "meta-unset", value_name = "KEY")]
     pub meta_unset: Vec<String>,
+    /// The machine's BMC: ipmi://ADDRESS[:PORT] or
+    /// redfish://ADDRESS[:PORT][/redfish/v1/Systems/ID] (credentials go in
+    /// bmc-credentials.json, never here).
+    #[arg(long, value_name = "URL", conflicts_with = "no_bmc")]
+    pub bmc: Option<String>,
+    /// Forget the host's BMC.
+    #[arg(long)]
+    pub no_bmc: bool,
     /// Print the changed host as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How BMCs are driven.
+#[derive(Args, Debug, Clone)]
+pub struct BmcOpts {
+    /// How many BMCs to talk to at once.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub jobs: usize,
+    /// Seconds each host's BMC may take before it counts as failed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+impl Default for BmcOpts {
+    fn default() -> Self {
+        BmcOpts {
+            jobs: 8,
+            timeout: 30,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PowerArgs {
+    /// The hosts (ids, MACs, serials or UUIDs), then the action: on, off,
+    /// cycle or status.
+    #[arg(value_name = "HOST... ACTION", required = true)]
+    pub words: Vec<String>,
+    /// Only hosts for which every condition holds (see set --where).
+    #[arg(long = "where", value_name = "EXPR")]
+    pub wheres: Vec<String>,
+    #[command(flatten)]
+    pub confirm: Confirm,
+    #[command(flatten)]
+    pub bmc: BmcOpts,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReinstallArgs {
+    #[command(flatten)]
+    pub targets: Targets,
+    #[command(flatten)]
+    pub confirm: Confirm,
+    /// The state or state chain to install, e.g. an image name.
+    #[arg(long, value_name = "STATE", required = true)]
+    pub state: String,
+    #[command(flatten)]
+    pub bmc: BmcOpts,
+    /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -516,6 +610,10 @@ pub struct RolloutArgs {
     /// Start without asking.
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// Kick each wave through its BMCs once its states are set: one
+    /// network boot, then a power cycle (as reinstall does).
+    #[arg(long)]
+    pub power_cycle: bool,
     /// With --status, print JSON.
     #[arg(long)]
     pub json: bool,
@@ -694,6 +792,8 @@ fn dispatch(cli: Cli) -> Result<Exit> {
         Cmd::Set(a) => set::set(&ctx, &a),
         Cmd::Remove(a) => remove::remove(&ctx, &a),
         Cmd::Release(a) => release::release(&ctx, &a),
+        Cmd::Power(a) => power::power(&ctx, &a),
+        Cmd::Reinstall(a) => reinstall::reinstall(&ctx, &a),
         Cmd::History(a) => history::history(&ctx, &a),
         Cmd::Render(a) => preview::render(&ctx, &a),
         Cmd::Check(a) => check::check(&ctx, &a),
@@ -745,6 +845,8 @@ fn compat_command(
             meta,
             meta_set: Vec::new(),
             meta_unset: Vec::new(),
+            bmc: None,
+            no_bmc: false,
             json: false,
         })),
         (_, Some(_)) => Err(Error::usage("-l cannot be combined with -i")),

@@ -6,6 +6,10 @@
 //! Its record is kept in `.kiwispray-rollout.json` in the deployment root,
 //! so an interrupted rollout resumes where it stopped when run again, and
 //! `rollout --status` shows it. The decisions are in [`crate::rollout`].
+//! With `--power-cycle` each wave, once set, is kicked through its BMCs the
+//! way `reinstall` kicks a host (one network boot, then a power cycle); a
+//! rollout with it checks before it starts that every host has a BMC and
+//! credentials.
 
 use super::hosts::{check_states, confirm, select};
 use super::{json_text, out, Confirm, Ctx, Error, Exit, Result, RolloutArgs, Targets};
@@ -175,6 +179,10 @@ pub fn rollout(ctx: &Ctx, a: &RolloutArgs) -> Result<Exit> {
             if a.max_failures.is_some() {
                 r.max_failures = a.max_failures;
             }
+            if a.power_cycle && !r.power_cycle {
+                r.power_cycle = true;
+                save(&path, &r)?;
+            }
             eprintln!(
                 "kiwispray-hosts: resuming the rollout of {:?} (--where {})",
                 r.state, r.selector
@@ -202,6 +210,23 @@ pub fn rollout(ctx: &Ctx, a: &RolloutArgs) -> Result<Exit> {
                 wheres: a.wheres.clone(),
             };
             let ids = select(&snap, &targets)?;
+            if a.power_cycle {
+                let (_, refused) = super::power::prepare(ctx, &snap, &ids)?;
+                if !refused.is_empty() {
+                    return Err(super::hosts::all_or_nothing(
+                        refused
+                            .iter()
+                            .map(|o| {
+                                format!(
+                                    "host {}: {}",
+                                    o.id,
+                                    o.result.as_ref().err().cloned().unwrap_or_default()
+                                )
+                            })
+                            .collect(),
+                    ));
+                }
+            }
             confirm(
                 &Confirm {
                     dry_run: false,
@@ -218,6 +243,7 @@ pub fn rollout(ctx: &Ctx, a: &RolloutArgs) -> Result<Exit> {
                 hosts: ids,
                 waves: Vec::new(),
                 created: runtime::now(),
+                power_cycle: a.power_cycle,
             };
             save(&path, &r)?;
             r
@@ -282,6 +308,9 @@ pub fn rollout(ctx: &Ctx, a: &RolloutArgs) -> Result<Exit> {
                     r.state,
                     list.join(" ")
                 ))?;
+                if r.power_cycle {
+                    kick_wave(ctx, &ids, wave)?;
+                }
             }
             Step::Stop(failed) => {
                 if tty {
@@ -311,4 +340,30 @@ pub fn rollout(ctx: &Ctx, a: &RolloutArgs) -> Result<Exit> {
             }
         }
     }
+}
+
+/// Kicks a wave's hosts through their BMCs: one network boot, then a power
+/// cycle. A host whose BMC fails is reported (and recorded); it keeps its
+/// install state, so the rollout sees it boot when someone powers it by
+/// hand, or counts it as failed once it is overdue.
+fn kick_wave(ctx: &Ctx, ids: &[u64], wave: usize) -> Result<()> {
+    let snap = ctx.store().snapshot()?;
+    let (jobs, refused) = super::power::prepare(ctx, &snap, ids)?;
+    let mut outcomes = super::power::run(jobs, &super::BmcOpts::default(), super::reinstall::kick);
+    outcomes.extend(refused);
+    outcomes.sort_by_key(|o| o.id);
+    super::power::record(ctx, &format!("rollout wave {wave}"), &outcomes, &|id| {
+        snap.get(id).map(|h| h.state).unwrap_or_default()
+    });
+    let mut s = String::new();
+    for o in &outcomes {
+        match &o.result {
+            Ok(r) => s.push_str(&format!("wave {wave}: host {}: {r}\n", o.id)),
+            Err(e) => s.push_str(&format!(
+                "wave {wave}: host {}: BMC FAILED: {e} (it installs when it next boots from the network)\n",
+                o.id
+            )),
+        }
+    }
+    out(&s)
 }

@@ -20,6 +20,8 @@ struct Edit {
     merge: Option<Map<String, Value>>,
     sets: Vec<(Vec<String>, Value)>,
     unsets: Vec<Vec<String>>,
+    /// `Some(None)`: forget the BMC.
+    bmc: Option<Option<String>>,
 }
 
 impl Edit {
@@ -31,6 +33,9 @@ impl Edit {
         }
         if let Some(n) = &self.hostname {
             h.hostname = n.clone();
+        }
+        if let Some(b) = &self.bmc {
+            h.bmc = b.clone();
         }
         if let Some(m) = &self.merge {
             crate::api::merge(&mut h.metadata, m.clone());
@@ -76,14 +81,24 @@ pub fn set(ctx: &Ctx, a: &SetArgs) -> Result<Exit> {
         .iter()
         .map(|k| split_key(k))
         .collect::<Result<Vec<_>>>()?;
+    let bmc = match (&a.bmc, a.no_bmc) {
+        (Some(b), _) => Some(Some(
+            crate::bmc::BmcUrl::parse(b)
+                .map_err(Error::usage)?
+                .to_string(),
+        )),
+        (None, true) => Some(None),
+        (None, false) => None,
+    };
     if state.is_none()
+        && bmc.is_none()
         && a.hostname.is_none()
         && merge.is_none()
         && sets.is_empty()
         && unsets.is_empty()
     {
         return Err(Error::usage(
-            "nothing to change: give --state, --hostname, --meta, --meta-set or --meta-unset",
+            "nothing to change: give --state, --hostname, --meta, --meta-set, --meta-unset, --bmc or --no-bmc",
         ));
     }
     let edit = Edit {
@@ -92,6 +107,7 @@ pub fn set(ctx: &Ctx, a: &SetArgs) -> Result<Exit> {
         merge,
         sets,
         unsets,
+        bmc,
     };
     let store = ctx.store();
     let snap = store.snapshot()?;
@@ -189,8 +205,13 @@ pub fn set(ctx: &Ctx, a: &SetArgs) -> Result<Exit> {
         let mut s = String::new();
         for host in &hosts {
             s.push_str(&format!(
-                "host {}: hostname {}, state {}\n",
-                host.id, host.hostname, host.state
+                "host {}: hostname {}, state {}{}\n",
+                host.id,
+                host.hostname,
+                host.state,
+                host.bmc
+                    .as_deref()
+                    .map_or(String::new(), |b| format!(", bmc {b}"))
             ));
         }
         if hosts.len() > 1 {
@@ -211,6 +232,13 @@ fn describe(before: &Host, after: &Host) -> String {
         parts.push(format!(
             "hostname {} -> {}",
             before.hostname, after.hostname
+        ));
+    }
+    if before.bmc != after.bmc {
+        parts.push(format!(
+            "bmc {} -> {}",
+            before.bmc.as_deref().unwrap_or("-"),
+            after.bmc.as_deref().unwrap_or("-")
         ));
     }
     if before.metadata != after.metadata {

@@ -44,6 +44,10 @@ pub fn show(ctx: &Ctx, a: &ShowArgs) -> Result<Exit> {
     s.push_str(&format!("macs:      {}\n", cell(&host.macs)));
     s.push_str(&format!("serial:    {}\n", cell(&host.serial)));
     s.push_str(&format!("uuid:      {}\n", cell(&host.uuid)));
+    s.push_str(&format!(
+        "bmc:       {}\n",
+        cell(host.bmc.as_deref().unwrap_or(""))
+    ));
     s.push_str(&format!("status:    {}\n", status(&host, rt, now)));
     if let Some(hold) = &rt.hold {
         s.push_str(&format!(
