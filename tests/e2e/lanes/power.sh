@@ -198,6 +198,7 @@ EOF
 }
 
 pw_pid() { cat "$WORK/power/bmc/qemu.pid" 2>/dev/null; }
+pw_gone() { [ ! -e "/proc/$1" ] || [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" = Z ]; }
 pw_boots() { cat "$WORK/power/bmc/boots" 2>/dev/null || echo 0; }
 pw_log() { echo "$WORK/logs/P-$1-power-on.serial"; }
 # pw_status WANT: power status through the BMC reports WANT, in the table and in --json.
@@ -280,7 +281,10 @@ pw_lane() {
     for _ in $(seq 60); do [ "$(pw_pid)" != "$pid1" ] && qemu_alive && break; sleep 0.5; done
     pid2=$(pw_pid)
     ck 12 "the guest was power-cycled (a new QEMU process)" test "$pid2" != "$pid1" -a -n "$pid2"
-    ck 12 "the old QEMU process is gone" test ! -e "/proc/$pid1"
+    # gone: exited (a zombie not yet reaped by its new parent counts, as in
+    # the chassis control's own `running`)
+    for _ in $(seq 20); do pw_gone "$pid1" && break; sleep 0.5; done
+    ck 12 "the old QEMU process is gone" pw_gone "$pid1"
     ck 12 "the BMC was told: boot pxe, power off, power on" \
         python3 - "$WORK/power/bmc/chassis.log" <<'PY'
 import re, sys
