@@ -1398,6 +1398,19 @@ mod tests {
         }
     }
 
+    /// Found by the database fuzz target: serde_json's default float
+    /// reading is not exact, so a metadata value such as
+    /// 1.54444444444484444444e3 changed its last digit each time the file
+    /// was written and read again.
+    #[test]
+    fn regression_metadata_floats_survive_rewrites_unchanged() {
+        let text = r#"[{"id": 1, "metadata": {"size": 1.54444444444484444444e3, "w": 0.1}}]"#;
+        let once = db(text).to_json();
+        let twice = db(&once).to_json();
+        assert_eq!(once, twice);
+        assert_eq!(db(&twice).to_json(), twice);
+    }
+
     #[test]
     fn empty_database_writes_empty_array() {
         assert_eq!(db("[]").to_json(), "[]\n");
