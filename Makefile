@@ -12,7 +12,7 @@ SERVE_PKGS = $(if $(filter lighttpd,$(WEB)),lighttpd,nginx)
 TEST_PKGS = nginx curl wrk dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
 	lighttpd rpm systemd git prometheus chromium chromium-driver \
 	mmdebstrap fdisk e2fsprogs dosfstools mtools python3-pip \
-	openipmi ipmitool python3-venv openssl
+	openipmi ipmitool python3-venv openssl grub-common
 RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 
@@ -191,6 +191,8 @@ install:
 	install -m 0644 ui/*.* $(DESTDIR)$(DATADIR)/kiwispray/ui/
 	@for f in templates/*; do t=$(DESTDIR)$(SRVDIR)/templates/$${f#templates/}; \
 		if [ -e "$$t" ] || [ -L "$$t" ]; then echo "kept $$t"; else cp -P "$$f" "$$t"; fi; done
+	@# boot/: links to the distribution's iPXE, shim and GRUB binaries, and grub/grub.cfg
+	@[ -e $(DESTDIR)$(SRVDIR)/boot ] && echo "kept $(DESTDIR)$(SRVDIR)/boot" || cp -PR boot $(DESTDIR)$(SRVDIR)/boot
 	sed 's#/srv/kiwispray#$(SRVDIR)#g; s#/usr/bin/kiwispray-fcgi#$(BINDIR)/kiwispray-fcgi#; s#/usr/share/kiwispray/#$(DATADIR)/kiwispray/#g' \
 		lighttpd/kiwispray-cgi.conf > $(DESTDIR)$(DATADIR)/kiwispray/lighttpd/kiwispray-cgi.conf
 	@[ -e $(DESTDIR)$(SRVDIR)/known_hosts.json ] || { printf '[]\n' > $(DESTDIR)$(SRVDIR)/known_hosts.json; \

@@ -238,14 +238,15 @@ impl Config {
     }
 
     /// The templates that can give the boot script of an image state, in
-    /// the order they are tried.
-    pub fn install_templates(&self, state: &str) -> Result<Vec<PathBuf>, String> {
+    /// the order they are tried, for the flavour whose templates end in
+    /// `.<ext>` (see [`crate::flavour`]).
+    pub fn install_templates(&self, state: &str, ext: &str) -> Result<Vec<PathBuf>, String> {
         let dir = self.image_dir(state)?;
         let tdir = self.templates_dir();
         Ok(vec![
-            dir.join("host.tmpl"),
-            tdir.join(format!("{state}.tmpl")),
-            tdir.join("known_host.tmpl"),
+            dir.join(format!("host.{ext}")),
+            tdir.join(format!("{state}.{ext}")),
+            tdir.join(format!("known_host.{ext}")),
         ])
     }
 

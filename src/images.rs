@@ -606,6 +606,110 @@ pub fn boot_script(
     s
 }
 
+/// The `host.grub` beside the `host.tmpl` of [`boot_script`]: the same
+/// kernel, initrd and arguments for the GRUB flavour (`args` in the iPXE
+/// form that [`kernel_args`] makes). The kernel and initrd come over HTTP
+/// where this GRUB has it, else from the device GRUB came from (TFTP under
+/// Secure Boot); `initrd=` is left out (GRUB's `initrd` command loads it)
+/// and `BOOTIF=` is the MAC that `bootstrap.grub` booted from. Every value
+/// stands in GRUB's single quotes, and placeholders go through the `grub`
+/// filter.
+pub fn grub_boot_script(
+    name: &str,
+    header: &[String],
+    kernel: &str,
+    initrd: &str,
+    args: &str,
+    install_device: bool,
+) -> String {
+    let words: Vec<String> = args
+        .split_whitespace()
+        .filter(|w| !w.starts_with("initrd=") && !w.starts_with("BOOTIF="))
+        .map(grub_placeholders)
+        .collect();
+    let q = |s: &str| crate::render::grub_quoted(s).unwrap_or_default();
+    let mut s = String::new();
+    for h in header {
+        s.push_str(&format!("# {h}\n"));
+    }
+    s.push_str("# GRUB flavour: $ks_dev, $ks_proto and $ks_bootif are set by bootstrap.grub.\n");
+    s.push_str(&format!(
+        "echo 'KIWIspray: booting image {n} on host @id|grub@ (@hostname|grub@)'\n\
+         set ks_image='{n}'\n\
+         set ks_http='(http,@SERVER_IP|grub@:@SERVER_PORT|grub@)/images/{n}'\n\
+         set ks_args='{a}'\n",
+        n = q(name),
+        a = words.join(" ").replace('\'', "'\\''"),
+    ));
+    if install_device {
+        let key = format!("metadata.{INSTALL_DEVICE_KEY}");
+        s.push_str(&format!(
+            "# The install disk: rd.kiwi.oem.installdevice= from the host's metadata\n\
+             # {INSTALL_DEVICE_KEY}, if it has one (a missing value stays a placeholder,\n\
+             # which is no /dev/ path); else the installer picks the disk.\n\
+             set ks_device='@{key}|grub@'\n\
+             if regexp '^/dev/[A-Za-z0-9/._:+,@=-]+$' \"$ks_device\"; then\n\
+             \x20 set ks_args=\"$ks_args rd.kiwi.oem.installdevice=$ks_device\"\n\
+             fi\n"
+        ));
+    }
+    s.push_str(&format!(
+        "function ks_boot {{\n\
+         \x20 if linux \"$1/{k}\" $ks_args \"BOOTIF=01-$ks_bootif\"; then\n\
+         \x20   if initrd \"$1/{i}\"; then boot; fi\n\
+         \x20 fi\n\
+         }}\n\
+         if [ \"$ks_proto\" != http ]; then\n\
+         \x20 if insmod http; then ks_boot \"$ks_http\"; fi\n\
+         fi\n\
+         set ks_from=\"($ks_dev)/images/$ks_image\"\n\
+         ks_boot \"$ks_from\"\n\
+         echo 'KIWIspray: cannot boot image {n}: loading its kernel or initrd from' \"$ks_from\" 'failed (see the error above).'\n\
+         echo 'Rebooting in 60 seconds.'\n\
+         sleep 60\n\
+         reboot\n",
+        k = q(kernel).replace('"', ""),
+        i = q(initrd).replace('"', ""),
+        n = q(name),
+    ));
+    s
+}
+
+/// The generated `host.grub` must parse as a template.
+fn check_generated_grub(script: &str) -> Result<(), ImportError> {
+    crate::render::Template::parse(Path::new("host.grub"), script)
+        .map(|_| ())
+        .map_err(|e| ImportError::Invalid(format!("the generated host.grub does not parse: {e}")))
+}
+
+/// `@name@` placeholders in generated GRUB text become `@name|grub@`, so
+/// their values cannot end the single quotes they stand in.
+fn grub_placeholders(word: &str) -> String {
+    let mut out = String::with_capacity(word.len() + 8);
+    let mut rest = word;
+    while let Some(start) = rest.find('@') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        match after.find('@') {
+            Some(end)
+                if end > 0
+                    && after[..end]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) =>
+            {
+                out.push_str(&format!("@{}|grub@", &after[..end]));
+                rest = &after[end + 1..];
+            }
+            _ => {
+                out.push('@');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The file in an image directory where `import-image` records what it
 /// found out about the build, for `check`.
 pub const IMAGE_INFO: &str = "image.json";
@@ -1264,10 +1368,21 @@ pub fn import_image(
         ImportError::Invalid(format!("the generated host.tmpl does not parse: {e}"))
     })?;
     write_file(&stage.path.join("host.tmpl"), &script)?;
+    let grub = grub_boot_script(
+        name,
+        &header,
+        &build.installer_kernel,
+        &build.installer_initrd,
+        &args,
+        true,
+    );
+    check_generated_grub(&grub)?;
+    write_file(&stage.path.join("host.grub"), &grub)?;
     let mut files: Vec<String> = build.files().iter().map(|s| s.to_string()).collect();
     if link != build.installer_kernel {
         files.push(link);
     }
+    files.push("host.grub".into());
     files.push("host.tmpl".into());
     let (mut info, warnings) = installer_info(
         name,
@@ -1483,12 +1598,16 @@ pub fn import_live_iso(
     ];
     let script = boot_script(name, &header, "linux", "initrd", &args, false);
     write_file(&stage.path.join("host.tmpl"), &script)?;
+    let grub = grub_boot_script(name, &header, "linux", "initrd", &args, false);
+    check_generated_grub(&grub)?;
+    write_file(&stage.path.join("host.grub"), &grub)?;
     let replaced = commit(stage, &target, force)?;
     Ok(Imported {
         name: name.to_string(),
         dir: target,
         kind: format!("live ISO, {arch}"),
         files: vec![
+            "host.grub".into(),
             "host.tmpl".into(),
             "initrd".into(),
             iso_name,

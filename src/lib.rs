@@ -13,6 +13,8 @@
 //! - [`select`]: the `--where` host selectors, as pure values;
 //! - [`rollout`]: waves of installs and when to start or stop them;
 //! - [`render`]: `@name@` templates rendered with tinytemplate;
+//! - [`flavour`]: the boot loaders' script languages (iPXE, GRUB), chosen
+//!   per request;
 //! - [`api`]: the HTTP paths; [`fcgi`]: the FastCGI and CGI adapters;
 //! - [`config`]: deployment settings; [`metrics`]: Prometheus counters kept
 //!   across processes; [`view`]: the JSON form of a host (CLI and API).
@@ -27,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod events;
 pub mod fcgi;
+pub mod flavour;
 pub mod hosts;
 pub mod identity;
 pub mod images;

@@ -12,7 +12,12 @@
 //! - `json`: a JSON literal;
 //! - `ipxe`: the value as it is, if it is one safe word on an iPXE command
 //!   line (no whitespace, control characters, quotes or any of
-//!   `$ { } \ # & | ; < > ` and backquote); any other value fails the render.
+//!   `$ { } \ # & | ; < > ` and backquote); any other value fails the render;
+//! - `grub`: the value for use inside GRUB single quotes (`'@x|grub@'`):
+//!   each `'` becomes `'\''`, so nothing in it is expanded or ends the
+//!   word; a value with control characters fails the render. Written inside
+//!   quotes, a missing value (which stays literally in place) is harmless
+//!   text too.
 //!
 //! A placeholder whose value does not exist (or is `null`) stays literally
 //! in place, so templates can test for it. An `@` that does not start a
@@ -36,6 +41,7 @@ pub enum Filter {
     Url,
     Json,
     Ipxe,
+    Grub,
 }
 
 impl Filter {
@@ -46,6 +52,7 @@ impl Filter {
             Filter::Url => "url",
             Filter::Json => "json",
             Filter::Ipxe => "ipxe",
+            Filter::Grub => "grub",
         }
     }
 }
@@ -135,6 +142,7 @@ impl Template {
                     "url" => Filter::Url,
                     "json" => Filter::Json,
                     "ipxe" => Filter::Ipxe,
+                    "grub" => Filter::Grub,
                     other => {
                         let (line, column) = position(text, i);
                         return Err(TemplateError {
@@ -143,7 +151,7 @@ impl Template {
                             column,
                             message: format!(
                                 "unknown filter {other:?} in @{name}|{other}@ \
-                                 (known: raw, shell, url, json, ipxe)"
+                                 (known: raw, shell, url, json, ipxe, grub)"
                             ),
                         });
                     }
@@ -228,6 +236,7 @@ impl Template {
         tt.add_formatter("url", format_url);
         tt.add_formatter("json", format_json);
         tt.add_formatter("ipxe", format_ipxe);
+        tt.add_formatter("grub", format_grub);
         tt.add_template("t", &source)
             .map_err(|e| format!("cannot compile template: {e}"))?;
         let ctx = serde_json::json!({ "v": values });
@@ -300,6 +309,32 @@ fn format_ipxe(value: &Value, out: &mut String) -> tinytemplate::error::Result<(
     }
     out.push_str(&text);
     Ok(())
+}
+
+fn format_grub(value: &Value, out: &mut String) -> tinytemplate::error::Result<()> {
+    let text = plain(value);
+    match grub_quoted(&text) {
+        Some(q) => {
+            out.push_str(&q);
+            Ok(())
+        }
+        None => Err(tinytemplate::error::Error::GenericError {
+            msg: format!(
+                "{:?} has control characters, which a GRUB script cannot carry (the grub filter)",
+                text.chars().take(80).collect::<String>()
+            ),
+        }),
+    }
+}
+
+/// `s` for use between GRUB's single quotes: `'` closes the quotes, adds
+/// an escaped quote and opens them again (`'\''`); `None` if `s` has
+/// control characters.
+pub fn grub_quoted(s: &str) -> Option<String> {
+    if s.chars().any(char::is_control) {
+        return None;
+    }
+    Some(s.replace('\'', "'\\''"))
 }
 
 /// Whether `s` is one non-empty word that iPXE and a kernel command line

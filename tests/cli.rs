@@ -1138,6 +1138,7 @@ fn import_each_naming_generation_from_tar_tar_xz_and_directory() {
                 .collect();
             files.sort();
             let mut want = vec![
+                "host.grub".to_string(),
                 "host.tmpl".to_string(),
                 "image.json".to_string(),
                 format!("{prefix}.xz"),
@@ -2111,6 +2112,115 @@ fn attended_image_with_a_per_host_install_disk_passes_check_and_renders_it() {
     );
 }
 
+/// `import-image` writes `host.grub` beside `host.tmpl`: the GRUB flavour
+/// boots the same installer with the same arguments, the host's install
+/// disk included, and `render --loader grub` shows the same script.
+#[test]
+fn imported_image_boots_under_grub_with_the_same_kernel_arguments() {
+    let r = root_with_host("grub-import");
+    let work = TempDir::new("grub-import-src");
+    let prefix = "web.x86_64-1.2.3";
+    let build = kiwi_build(work.path(), prefix, false);
+    let run = r
+        .run(&["import-image", "web", build.to_str().unwrap()])
+        .ok();
+    assert!(run.stdout.contains("host.grub"), "{}", run.stdout);
+    let disk = "/dev/disk/by-id/nvme-EXAMPLE_SSD_1TB_S4EWNX0N123456";
+    r.run(&[
+        "set",
+        "1",
+        "--state",
+        "web",
+        "--meta-set",
+        &format!("installdevice={disk}"),
+    ])
+    .ok();
+    let server = "127.0.0.1:5000";
+    let (status, ipxe) = handler(r.path(), "/bootstrap", "net0=52-54-00-00-00-01", server);
+    assert!(status.contains("200"), "{status}");
+    let (status, grub) = handler(
+        r.path(),
+        "/ks/bootstrap",
+        "net0=52:54:00:00:00:01&loader=grub",
+        server,
+    );
+    assert!(status.contains("200"), "{status}: {grub}");
+    let bootid = r.host(1)["bootid"].as_str().unwrap().to_string();
+    // The iPXE kernel line's words, less initrd= and BOOTIF= (GRUB loads
+    // the initrd itself and sets BOOTIF from the MAC it booted from), are
+    // the GRUB script's ks_args; the bootid is the new attempt's.
+    let kernel = ipxe
+        .lines()
+        .find(|l| l.starts_with("kernel ") && l.contains("installdevice"))
+        .unwrap();
+    let ipxe_args: Vec<&str> = kernel
+        .split_whitespace()
+        .skip(2)
+        .filter(|w| {
+            !w.starts_with("initrd=")
+                && !w.starts_with("BOOTIF=")
+                && !w.starts_with("rd.kiwi.oem.installdevice=")
+                && *w != "||"
+                && *w != "goto"
+                && *w != "ks-failed"
+        })
+        .map(|w| w.split("bootid=").next().unwrap())
+        .collect();
+    let line = grub
+        .lines()
+        .find(|l| l.starts_with("set ks_args='"))
+        .unwrap_or_else(|| panic!("{grub}"));
+    let grub_args: Vec<&str> = line["set ks_args='".len()..line.len() - 1]
+        .split_whitespace()
+        .map(|w| w.split("bootid=").next().unwrap())
+        .collect();
+    assert_eq!(grub_args, ipxe_args);
+    assert!(
+        line.contains(&format!(
+            "razorurl=http://{server}/post-install?id=1&bootid={bootid}"
+        )),
+        "{line}"
+    );
+    assert!(
+        grub.contains(&format!("set ks_device='{disk}'\n")),
+        "{grub}"
+    );
+    assert!(
+        grub.contains("rd.kiwi.oem.installdevice=$ks_device"),
+        "{grub}"
+    );
+    common::golden::check(
+        "bootstrap-install-installdevice.grub",
+        &common::golden::normalise(&grub, &[(&bootid, "@BOOTID@")]),
+    );
+    let check = Command::new("grub-script-check")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(grub.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("grub-script-check (grub-common)");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert_eq!(
+        r.run(&["render", "1", "--server", server, "--loader", "grub"])
+            .ok()
+            .stdout,
+        grub
+    );
+    let bad = r.run(&["render", "1", "--loader", "uboot"]);
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("unknown loader"), "{}", bad.stderr);
+    assert!(r.path().join("images/web/host.grub").is_file());
+}
+
 #[test]
 fn attended_image_without_an_install_disk_is_flagged_by_check() {
     let r = root_with_host("attended-nodisk");
@@ -2501,4 +2611,85 @@ fn check_names_missing_boot_files_of_the_dnsmasq_config() {
         "{}",
         run.stdout
     );
+}
+
+/// Where `boot/` holds the GRUB flavour, `check` wants its templates,
+/// `grub/grub.cfg`, a GRUB beside the shim, both signed (the firmware and
+/// the shim refuse unsigned binaries under Secure Boot), and a `host.grub`
+/// for every image. Debian's signed binaries pass.
+#[test]
+fn check_validates_the_grub_flavour_files() {
+    let shim = Path::new("/usr/lib/shim/shimx64.efi.signed");
+    let grub = Path::new("/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed");
+    let unsigned = Path::new("/usr/lib/ipxe/ipxe.efi");
+    for p in [shim, grub, unsigned] {
+        assert!(
+            p.is_file(),
+            "{} (packages shim-signed, grub-efi-amd64-signed, ipxe)",
+            p.display()
+        );
+    }
+    let r = Root::new("checkgrub");
+    let b = r.path().join("boot");
+    fs::create_dir_all(b.join("grub")).unwrap();
+    // No GRUB files: nothing about GRUB is asked.
+    let run = r.run(&["check"]);
+    assert!(!run.stdout.contains("grub"), "{}", run.stdout);
+    // A shim alone, unsigned, and no grub.cfg.
+    fs::copy(unsigned, b.join("shimx64.efi")).unwrap();
+    r.image_dir("web");
+    fs::write(r.path().join("images/web/host.tmpl"), "#!ipxe\nboot\n").unwrap();
+    fs::remove_file(r.path().join("templates/finished.grub")).unwrap();
+    let run = r.run(&["check"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let bd = b.display();
+    for want in [
+        format!(
+            "{}/finished.grub is missing; machines booting GRUB",
+            r.path().join("templates").display()
+        ),
+        format!("{bd}/grub/grub.cfg is missing; GRUB reads it first"),
+        format!("{bd}/grubx64.efi is missing: the shim in {bd} loads it"),
+        format!("{bd}/shimx64.efi is not signed: under Secure Boot the firmware refuses it"),
+        "image web has no host.grub".to_string(),
+    ] {
+        assert!(run.stdout.contains(&want), "{want}\n{}", run.stdout);
+    }
+    // An unsigned GRUB beside the shim.
+    fs::copy(unsigned, b.join("grubx64.efi")).unwrap();
+    let run = r.run(&["check"]);
+    assert!(
+        run.stdout.contains(&format!(
+            "{bd}/grubx64.efi is not signed: under Secure Boot the shim refuses it"
+        )),
+        "{}",
+        run.stdout
+    );
+    // A GRUB template GRUB cannot parse.
+    fs::write(
+        r.path().join("templates/finished.grub"),
+        "if [ x = y ]; then\necho 'no fi'\n",
+    )
+    .unwrap();
+    let run = r.run(&["check"]);
+    assert!(
+        run.stdout.contains("finished.grub: GRUB cannot parse it"),
+        "{}",
+        run.stdout
+    );
+    // Debian's signed chain, the shipped templates and grub.cfg: ok.
+    fs::remove_file(b.join("shimx64.efi")).unwrap();
+    fs::remove_file(b.join("grubx64.efi")).unwrap();
+    std::os::unix::fs::symlink(shim, b.join("shimx64.efi")).unwrap();
+    std::os::unix::fs::symlink(grub, b.join("grubx64.efi")).unwrap();
+    std::os::unix::fs::symlink("../../templates/bootstrap.grub", b.join("grub/grub.cfg")).unwrap();
+    fs::copy(
+        common::repo().join("templates/finished.grub"),
+        r.path().join("templates/finished.grub"),
+    )
+    .unwrap();
+    fs::write(r.path().join("images/web/host.grub"), "echo 'web'\n").unwrap();
+    let run = r.run(&["check"]);
+    assert!(!run.stdout.contains("problem"), "{}", run.stdout);
+    assert!(!run.stdout.contains("grub"), "{}", run.stdout);
 }

@@ -12,11 +12,12 @@
 //! [`lifecycle::install_decision`] run before any new attempt starts.
 
 use super::{
-    ipxe_error, ipxe_safe, list_paths, log, new_bootid, store_failure, Facts, Params, Request,
-    Response, Service,
+    in_flavour, ipxe_safe, list_paths, log, new_bootid, refusal, store_failure, Facts, Params,
+    Request, Response, Service,
 };
 use crate::config::Config;
 use crate::events::{rfc3339_secs, Event};
+use crate::flavour::{self, Flavour};
 use crate::hosts::{Host, Key, STATE_DISCOVER};
 use crate::identity::Mac;
 use crate::lifecycle::{self, Identity, InstallDecision, NextBoot, Report};
@@ -47,7 +48,32 @@ enum BootOutcome {
 }
 
 impl Service {
-    pub(super) fn bootstrap(&self, req: &Request, params: &Params) -> Result<Response, Response> {
+    /// `/bootstrap` in the flavour the request names with `loader=`; its
+    /// error statuses too are in that flavour.
+    pub(super) fn bootstrap_any(
+        &self,
+        req: &Request,
+        params: &Params,
+    ) -> Result<Response, Response> {
+        let loader = params.one("loader").map_err(|e| {
+            // `loader` given twice: answered in the first one's language.
+            let response = Response::error(400, e);
+            match flavour::from_raw_query(&req.query) {
+                Some(f) => in_flavour(f, response),
+                None => response,
+            }
+        })?;
+        let flavour = flavour::by_loader(loader).map_err(|e| Response::error(400, e))?;
+        self.bootstrap(req, params, flavour)
+            .map_err(|e| in_flavour(flavour, e))
+    }
+
+    fn bootstrap(
+        &self,
+        req: &Request,
+        params: &Params,
+        flavour: &dyn Flavour,
+    ) -> Result<Response, Response> {
         let (report, facts) = parse_report(params)?;
         let snap = self.snapshot()?;
         let now = runtime::now();
@@ -61,7 +87,7 @@ impl Service {
         match lifecycle::identify(&snap, &report) {
             Identity::Conflict(matched) => {
                 crate::metrics::count_boot("conflict");
-                return Ok(self.conflict(req, &matched));
+                return Ok(self.conflict(req, &matched, flavour));
             }
             Identity::Known(id) => {
                 let host = snap.get(id).expect("indexed host exists");
@@ -74,7 +100,7 @@ impl Service {
                     if read_only {
                         self.note_seen(id, rt, seen);
                         crate::metrics::count_boot(super::metrics::boot_outcome(&host, rt, false));
-                        return Ok(self.boot_script(req, &host, rt, &facts));
+                        return Ok(self.boot_script(req, &host, rt, &facts, flavour));
                     }
                 }
             }
@@ -98,12 +124,12 @@ impl Service {
         Ok(match outcome {
             BootOutcome::Conflict(matched) => {
                 crate::metrics::count_boot("conflict");
-                self.conflict(req, &matched)
+                self.conflict(req, &matched, flavour)
             }
             BootOutcome::NoMac => Response::error(400, "no valid MAC address in the request"),
             BootOutcome::Deferred { host, installing } => {
                 crate::metrics::count_boot("deferred");
-                self.deferred(req, &host, installing)
+                self.deferred(req, &host, installing, flavour)
             }
             BootOutcome::Host {
                 host,
@@ -121,7 +147,7 @@ impl Service {
                     ));
                 }
                 crate::metrics::count_boot(super::metrics::boot_outcome(&host, &rt, registered));
-                self.boot_script(req, &host, &rt, &facts)
+                self.boot_script(req, &host, &rt, &facts, flavour)
             }
         })
     }
@@ -153,29 +179,46 @@ impl Service {
     }
 
     /// The answer to an install boot beyond `max_installs`: says so on the
-    /// console and asks again in a minute (`templates/deferred.tmpl`).
-    fn deferred(&self, req: &Request, host: &Host, installing: usize) -> Response {
+    /// console and asks again in a minute (`templates/deferred.<ext>`).
+    fn deferred(
+        &self,
+        req: &Request,
+        host: &Host,
+        installing: usize,
+        flavour: &dyn Flavour,
+    ) -> Response {
         let max = self.config.max_installs.unwrap_or(installing);
-        let mut ctx = self.context(req, host, &HostRuntime::default(), None);
+        let mut ctx = self.context(req, host, &HostRuntime::default(), None, Some(flavour));
         if let Value::Object(m) = &mut ctx {
             m.insert("installing".into(), installing.into());
             m.insert("max_installs".into(), max.into());
             m.insert("retry_seconds".into(), DEFER_RETRY.into());
         }
-        let path = self.config.templates_dir().join("deferred.tmpl");
+        let path = self
+            .config
+            .templates_dir()
+            .join(format!("deferred.{}", flavour.extension()));
         match self.render_first(&[path], &ctx) {
             Ok(Some(text)) => Response::text(200, text),
             Ok(None) | Err(_) => Response::text(
                 200,
-                format!(
-                    "#!ipxe\necho KIWIspray: {installing} of at most {max} machines are installing; host {} waits its turn.\nsleep {DEFER_RETRY}\nchain --autofree bootstrap.ipxe || reboot\n",
-                    host.id
+                flavour.retry_later(
+                    &[format!(
+                        "KIWIspray: {installing} of at most {max} machines are installing; host {} waits its turn.",
+                        host.id
+                    )],
+                    DEFER_RETRY,
                 ),
             ),
         }
     }
 
-    fn conflict(&self, req: &Request, matched: &[(Key, Vec<u64>)]) -> Response {
+    fn conflict(
+        &self,
+        req: &Request,
+        matched: &[(Key, Vec<u64>)],
+        flavour: &dyn Flavour,
+    ) -> Response {
         let lines = lifecycle::describe_conflict(matched);
         log(&format!(
             "conflict: machine at {} matches several hosts: {}; nothing changed",
@@ -186,45 +229,49 @@ impl Service {
             vec!["this machine matches more than one host; nothing was changed:".to_string()];
         msg.extend(lines);
         msg.push("fix the hosts with kiwispray-hosts (show, set, remove)".into());
-        ipxe_error(&msg)
+        refusal(flavour, &msg)
     }
 
-    /// The script for a host's next boot, by its state and hold.
+    /// The script for a host's next boot, by its state and hold, in the
+    /// language of the loader that asked.
     pub(super) fn boot_script(
         &self,
         req: &Request,
         host: &Host,
         rt: &HostRuntime,
         facts: &Facts,
+        flavour: &dyn Flavour,
     ) -> Response {
         let tdir = self.config.templates_dir();
+        let ext = flavour.extension();
         let state = host.current_state();
-        let mut ctx = self.context(req, host, rt, Some(facts));
+        let mut ctx = self.context(req, host, rt, Some(facts), Some(flavour));
+        let refuse = |lines: &[String]| refusal(flavour, lines);
         let candidates = match lifecycle::next_boot(&host.state) {
-            NextBoot::Wait => vec![tdir.join("new.tmpl")],
-            NextBoot::LocalDisk => vec![tdir.join("finished.tmpl")],
+            NextBoot::Wait => vec![tdir.join(format!("new.{ext}"))],
+            NextBoot::LocalDisk => vec![tdir.join(format!("finished.{ext}"))],
             NextBoot::Refuse(reason) => {
                 log(&format!("host {}: {reason}", host.id));
-                return ipxe_error(&[format!("host {}: {reason}", host.id)]);
+                return refuse(&[format!("host {}: {reason}", host.id)]);
             }
             NextBoot::Install(_) if rt.hold.is_some() => {
                 hold_context(&mut ctx, host, rt);
-                vec![tdir.join("held.tmpl")]
+                vec![tdir.join(format!("held.{ext}"))]
             }
             NextBoot::Install(s) if s == STATE_DISCOVER && rt.bootid.is_none() => {
-                vec![tdir.join("new.tmpl")]
+                vec![tdir.join(format!("new.{ext}"))]
             }
-            NextBoot::Install(s) => match self.config.install_templates(&s) {
+            NextBoot::Install(s) => match self.config.install_templates(&s, ext) {
                 Ok(c) => c,
                 Err(e) => {
                     log(&format!("host {}: {e}", host.id));
-                    return ipxe_error(&[format!("host {}: {e}", host.id)]);
+                    return refuse(&[format!("host {}: {e}", host.id)]);
                 }
             },
         };
         match self.render_first(&candidates, &ctx) {
             Ok(Some(text)) => Response::text(200, text),
-            Ok(None) if rt.hold.is_some() => held_fallback(host, rt),
+            Ok(None) if rt.hold.is_some() => held_fallback(host, rt, flavour),
             Ok(None) => {
                 let msg = format!(
                     "host {}: no template for state {state:?} (looked for {})",
@@ -232,11 +279,11 @@ impl Service {
                     list_paths(&candidates)
                 );
                 log(&msg);
-                ipxe_error(&[msg])
+                refuse(&[msg])
             }
             Err(msg) => {
                 log(&format!("host {}: {msg}", host.id));
-                ipxe_error(&[format!("host {}: {msg}", host.id)])
+                refuse(&[format!("host {}: {msg}", host.id)])
             }
         }
     }
@@ -313,25 +360,28 @@ fn hold_context(ctx: &mut Value, host: &Host, rt: &HostRuntime) {
     }
 }
 
-/// The hold explained without `held.tmpl` (a deployment root from before
+/// The hold explained without `held.<ext>` (a deployment root from before
 /// it existed).
-fn held_fallback(host: &Host, rt: &HostRuntime) -> Response {
+fn held_fallback(host: &Host, rt: &HostRuntime, flavour: &dyn Flavour) -> Response {
     let Some(hold) = &rt.hold else {
-        return ipxe_error(&[format!("host {} is held", host.id)]);
+        return refusal(flavour, &[format!("host {} is held", host.id)]);
     };
-    ipxe_error(&[
-        format!(
-            "host {} is held ({}) since {}: {}",
-            host.id,
-            hold.cause.as_str(),
-            rfc3339_secs(hold.since),
-            hold.reason
-        ),
-        format!(
-            "it installs nothing until: kiwispray-hosts release {}",
-            host.id
-        ),
-    ])
+    refusal(
+        flavour,
+        &[
+            format!(
+                "host {} is held ({}) since {}: {}",
+                host.id,
+                hold.cause.as_str(),
+                rfc3339_secs(hold.since),
+                hold.reason
+            ),
+            format!(
+                "it installs nothing until: kiwispray-hosts release {}",
+                host.id
+            ),
+        ],
+    )
 }
 
 /// The change a `/bootstrap` makes, decided again under the lock.

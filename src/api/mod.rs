@@ -29,6 +29,7 @@ pub use hosts::{format_table, host_table};
 pub use update::merge;
 
 use crate::config::Config;
+use crate::flavour::Flavour;
 use crate::hosts::{Database, Host};
 use crate::lifecycle;
 use crate::render::{Template, Templates};
@@ -379,11 +380,23 @@ impl Service {
         }
         let params = match Params::parse(req.query.as_bytes(), "query string") {
             Ok(p) => p,
-            Err(e) if req.query.len() > MAX_QUERY => return Response::error(414, e),
-            Err(e) => return Response::error(400, e),
+            Err(e) => {
+                let status = if req.query.len() > MAX_QUERY {
+                    414
+                } else {
+                    400
+                };
+                let response = Response::error(status, e);
+                // A query that does not parse still says which loader runs
+                // the answer.
+                return match crate::flavour::from_raw_query(&req.query) {
+                    Some(f) if name == "bootstrap" => in_flavour(f, response),
+                    _ => response,
+                };
+            }
         };
         let result = match name {
-            "bootstrap" => self.bootstrap(req, &params),
+            "bootstrap" => self.bootstrap_any(req, &params),
             "post-install" => self.post_install(req, &params),
             "finish" => self.finish(req, &params),
             "fail" => self.fail(req, &params),
@@ -423,6 +436,7 @@ impl Service {
         host: &Host,
         rt: &HostRuntime,
         facts: Option<&Facts>,
+        flavour: Option<&dyn Flavour>,
     ) -> Value {
         let (ip, port) = server_address(req);
         let mut ctx = match host.to_value() {
@@ -435,6 +449,9 @@ impl Service {
             ctx.insert("bootid".into(), b.clone().into());
         }
         ctx.insert("HOST".into(), host.id.into());
+        if let Some(f) = flavour {
+            ctx.insert("LOADER".into(), f.name().into());
+        }
         ctx.insert("SERVER_IP".into(), ip.clone().into());
         ctx.insert("SERVER_PORT".into(), port.clone().into());
         ctx.insert("BASE_URL".into(), format!("http://{ip}:{port}").into());
@@ -619,28 +636,40 @@ pub fn forwarded_machine(
         .map(|ip| ip.to_string())
 }
 
-/// Text that iPXE's `echo` prints as it is: no setting expansion, no
-/// `&&`/`||` that would chain a command, no control characters.
+/// Text that iPXE's `echo` prints as it is (see [`crate::flavour::ipxe::echo_safe`]).
 pub fn ipxe_safe(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect::<String>()
-        .replace("${", "$ {")
-        .replace("&&", "& &")
-        .replace("||", "| |")
+    crate::flavour::ipxe::echo_safe(s)
+}
+
+/// A script in `flavour` that explains why this machine is not booted,
+/// waits and reboots.
+pub fn refusal(flavour: &dyn Flavour, lines: &[String]) -> Response {
+    Response::text(200, flavour.refusal(lines, ERROR_REBOOT_DELAY))
 }
 
 /// An iPXE script that explains why this machine is not booted, waits and
 /// reboots.
 pub fn ipxe_error(lines: &[String]) -> Response {
-    let mut s = String::from("#!ipxe\necho\necho KIWIspray cannot boot this machine as asked:\n");
-    for l in lines {
-        s.push_str(&format!("echo   {}\n", ipxe_safe(l)));
+    refusal(&crate::flavour::ipxe::Ipxe, lines)
+}
+
+/// An error status answered to a loader of `flavour`: the same status, with
+/// the body that loader can take (harmless script for GRUB).
+pub fn in_flavour(flavour: &dyn Flavour, response: Response) -> Response {
+    if response.status < 400 {
+        return response;
     }
-    s.push_str(&format!(
-        "echo Rebooting in {ERROR_REBOOT_DELAY} seconds.\nsleep {ERROR_REBOOT_DELAY}\nreboot\n"
-    ));
-    Response::text(200, s)
+    let text = String::from_utf8_lossy(&response.body);
+    let reason = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("kiwispray: ")
+        .to_string();
+    Response {
+        body: flavour.error_body(&reason).into_bytes(),
+        ..response
+    }
 }
 
 fn store_failure(e: &StoreError) -> Response {

@@ -11,6 +11,7 @@ use super::{
     check_installing, id_and_bootid, list_paths, log, preview_request, Facts, Params, Request,
     Response, Service,
 };
+use crate::flavour::Flavour;
 use crate::hosts::Host;
 use crate::runtime::HostRuntime;
 
@@ -46,7 +47,7 @@ impl Service {
             .config
             .post_install_templates(host.current_state())
             .map_err(|e| Response::error(400, e))?;
-        let ctx = self.context(req, host, rt, None);
+        let ctx = self.context(req, host, rt, None, None);
         match self.render_first(&candidates, &ctx) {
             Ok(Some(text)) => Ok(Response::text(200, text)),
             Ok(None) => Err(Response::error(
@@ -66,9 +67,10 @@ impl Service {
         rt: &HostRuntime,
         server_ip: &str,
         server_port: &str,
+        flavour: &dyn Flavour,
     ) -> Response {
         let req = preview_request(server_ip, server_port);
-        self.boot_script(&req, host, rt, &Facts::default())
+        self.boot_script(&req, host, rt, &Facts::default(), flavour)
     }
 
     /// What `/post-install` serves `host` while it is being installed.

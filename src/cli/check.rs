@@ -6,7 +6,9 @@
 //! attended image (one whose installer asks before it writes the disk, as
 //! `import-image` found out) must get an install disk on its kernel line.
 //! The boot files the dnsmasq configuration names (iPXE over TFTP, iPXE
-//! over HTTP from the deployment root's `boot/`) must be there.
+//! over HTTP from the deployment root's `boot/`) must be there, and where
+//! `boot/` holds the GRUB flavour's loaders, its templates, `grub.cfg` and
+//! signed binaries too.
 
 use super::{json_text, out, CheckArgs, Ctx, Exit, Result};
 use crate::hosts::{keys_of, Host, Key, STATE_DISCOVER, STATE_FINISHED, STATE_NEW};
@@ -42,6 +44,7 @@ pub fn check(ctx: &Ctx, a: &CheckArgs) -> Result<Exit> {
     check_images(ctx, a.deep, &mut r);
     check_runtime(ctx, &mut r);
     check_boot_files(ctx, &a.dnsmasq, &mut r);
+    check_grub_files(ctx, &mut r);
     if a.json {
         out(&json_text(&json!({
             "ok": r.problems.is_empty(),
@@ -157,13 +160,18 @@ fn check_database(ctx: &Ctx, r: &mut Report) -> Vec<Host> {
     hosts
 }
 
-/// The `.tmpl` files of a directory.
+/// The templates of a directory: the files of every flavour's extension
+/// (`.tmpl` for iPXE, `.grub` for GRUB).
 fn tmpl_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "tmpl"))
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| crate::flavour::by_extension(x).is_some())
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -198,8 +206,37 @@ fn check_templates(ctx: &Ctx, r: &mut Report) {
         r.templates += 1;
         if let Err(e) = templates.load(&f) {
             r.problem(e.to_string());
+        } else if f.extension().is_some_and(|x| x == "grub") {
+            if let Some(why) = grub_syntax(&f) {
+                r.problem(format!(
+                    "template {}: GRUB cannot parse it: {why}",
+                    f.display()
+                ));
+            }
         }
     }
+}
+
+/// What GRUB's own parser (`grub-script-check`, package grub-common) says
+/// against a GRUB script; `None` when it takes it or is not installed.
+fn grub_syntax(path: &Path) -> Option<String> {
+    let out = std::process::Command::new("grub-script-check")
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if out.status.success() {
+        return None;
+    }
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    Some(
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
 }
 
 fn check_states(ctx: &Ctx, hosts: &[Host], r: &mut Report) {
@@ -574,20 +611,12 @@ const DNSMASQ_DIR: &str = "/etc/dnsmasq.d";
 /// given with `--dnsmasq`, else `/etc/dnsmasq.d/kiwispray*.conf`.
 fn check_boot_files(ctx: &Ctx, given: &[PathBuf], r: &mut Report) {
     let boot = ctx.config.root.join("boot");
-    if let Ok(rd) = fs::read_dir(&boot) {
-        let mut names: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok())
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| e.path())
-            .collect();
-        names.sort();
-        for p in names {
-            if let Err(why) = servable(&p) {
-                r.problem(format!(
-                    "{} {why}; the web server cannot serve it",
-                    p.display()
-                ));
-            }
+    for p in boot_entries(&boot) {
+        if let Err(why) = servable(&p) {
+            r.problem(format!(
+                "{} {why}; the web server cannot serve it",
+                p.display()
+            ));
         }
     }
     let configs: Vec<PathBuf> = if given.is_empty() {
@@ -638,6 +667,146 @@ fn check_boot_files(ctx: &Ctx, given: &[PathBuf], r: &mut Report) {
             }
         }
     }
+}
+
+/// The entries of `boot/` and its directories (GRUB's `grub/`), hidden
+/// ones left out, sorted.
+fn boot_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(dir) else {
+        return out;
+    };
+    let mut names: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    for p in names {
+        let real_dir = fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir());
+        if real_dir {
+            out.extend(boot_entries(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The boot loaders of the GRUB flavour in `boot/`, with the machines
+/// that load them.
+const GRUB_LOADERS: [(&str, &str); 3] = [
+    ("shimx64.efi", "x86-64 UEFI machines (the signed shim)"),
+    ("grubx64.efi", "x86-64 UEFI machines"),
+    ("grubaa64.efi", "ARM64 UEFI machines"),
+];
+
+/// The GRUB flavour, where it is configured (`boot/` holds a shim, a GRUB
+/// or `grub/grub.cfg`): the templates a GRUB machine needs, `grub.cfg`
+/// (the static `bootstrap.grub`), a signed GRUB beside a shim (shim
+/// starts nothing unsigned), a signed shim, and a `host.grub` for every
+/// imported image.
+fn check_grub_files(ctx: &Ctx, r: &mut Report) {
+    let boot = ctx.config.root.join("boot");
+    let present = |name: &str| fs::symlink_metadata(boot.join(name)).is_ok();
+    if !GRUB_LOADERS.iter().any(|(n, _)| present(n)) && !present("grub/grub.cfg") {
+        return;
+    }
+    let tdir = ctx.config.templates_dir();
+    for required in ["bootstrap.grub", "new.grub", "finished.grub"] {
+        if !tdir.join(required).is_file() {
+            r.problem(format!(
+                "{} is missing; machines booting GRUB ({}) get no answer",
+                tdir.join(required).display(),
+                boot.display()
+            ));
+        }
+    }
+    let cfg = boot.join("grub/grub.cfg");
+    if let Err(why) = servable(&cfg) {
+        r.problem(format!(
+            "{} {why}; GRUB reads it first (link it to ../../templates/bootstrap.grub)",
+            cfg.display()
+        ));
+    }
+    if present("shimx64.efi") {
+        if !present("grubx64.efi") {
+            r.problem(format!(
+                "{} is missing: the shim in {} loads it from the same place",
+                boot.join("grubx64.efi").display(),
+                boot.display()
+            ));
+        }
+        for name in ["shimx64.efi", "grubx64.efi"] {
+            let p = boot.join(name);
+            if servable(&p).is_ok() && !pe_signed(&p) {
+                r.problem(format!(
+                    "{} is not signed: under Secure Boot {} refuses it (use {})",
+                    p.display(),
+                    if name == "shimx64.efi" {
+                        "the firmware"
+                    } else {
+                        "the shim"
+                    },
+                    if name == "shimx64.efi" {
+                        "shimx64.efi.signed from shim-signed"
+                    } else {
+                        "grubnetx64.efi.signed from grub-efi-amd64-signed"
+                    }
+                ));
+            }
+        }
+    }
+    let Ok(rd) = fs::read_dir(ctx.config.images_dir()) else {
+        return;
+    };
+    let mut missing: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|d| d.join("host.tmpl").is_file() && !d.join("host.grub").is_file())
+        .filter_map(|d| Some(d.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    missing.sort();
+    for name in missing {
+        r.problem(format!(
+            "image {name} has no host.grub: GRUB machines in its state get templates/known_host.grub \
+             (the seed's file names); import it again with --force to write one"
+        ));
+    }
+}
+
+/// Whether a PE image (an EFI binary) carries an Authenticode signature:
+/// its certificate table (data directory 4) is not empty.
+fn pe_signed(path: &Path) -> bool {
+    let Ok(bytes) = fs::read(path) else {
+        return false;
+    };
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let Some(pe) = u32_at(0x3c).map(|v| v as usize) else {
+        return false;
+    };
+    if bytes.get(..2) != Some(b"MZ") || bytes.get(pe..pe + 4) != Some(b"PE\0\0") {
+        return false;
+    }
+    let opt = pe + 24;
+    // The data directories follow the optional header's fixed part: 96
+    // bytes in PE32, 112 in PE32+.
+    let dirs = match u16_at(opt) {
+        Some(0x10b) => opt + 96,
+        Some(0x20b) => opt + 112,
+        _ => return false,
+    };
+    let count = u32_at(dirs - 4).unwrap_or(0);
+    count > 4 && u32_at(dirs + 4 * 8 + 4).is_some_and(|size| size > 0)
 }
 
 /// A file a server can hand out: it exists (links followed), is a regular

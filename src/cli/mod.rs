@@ -537,6 +537,10 @@ pub struct RenderArgs {
     /// settings, else this machine's first global address and port 5000).
     #[arg(long, value_name = "HOST:PORT")]
     pub server: Option<String>,
+    /// The boot loader whose script to render: ipxe (the default) or grub,
+    /// as a machine names it in /bootstrap?loader=.
+    #[arg(long, value_name = "LOADER", default_value = "ipxe")]
+    pub loader: String,
 }
 
 #[derive(Args, Debug)]

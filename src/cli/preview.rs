@@ -2,7 +2,8 @@
 //! serve a host right now, without changing anything. The boot service
 //! ([`crate::api::Service`]) renders it; a preview has no request, so `@SERVER_IP@` and
 //! `@SERVER_PORT@` come from `--server`, the settings, or this machine's
-//! first global address and port 5000.
+//! first global address and port 5000. `--loader grub` renders what a GRUB
+//! machine gets.
 
 use super::{hosts::select, out, Ctx, Error, Exit, RenderArgs, Result};
 use crate::api::{Response, Service};
@@ -78,6 +79,7 @@ pub fn server(ctx: &Ctx, given: Option<&str>) -> Result<(String, String)> {
 
 pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
     let (ip, port) = server(ctx, a.server.as_deref())?;
+    let flavour = crate::flavour::by_loader(Some(&a.loader)).map_err(Error::usage)?;
     let service = Service::new(ctx.config.clone());
     let snap = service.store.snapshot()?;
     let ids = select(&snap, &a.targets)?;
@@ -101,7 +103,7 @@ pub fn render(ctx: &Ctx, a: &RenderArgs) -> Result<Exit> {
             }
             response
         } else {
-            service.preview_boot(&host, rt, &ip, &port)
+            service.preview_boot(&host, rt, &ip, &port, flavour)
         };
         if many {
             text.push_str(&format!("==> host {id} ({}) <==\n", host.hostname));
