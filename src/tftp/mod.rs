@@ -401,7 +401,7 @@ fn transfer(
             format!("{} mode is not served; ask for octet", req.mode),
         );
     }
-    let negotiated = match packet::negotiate(req, limits.max_blksize) {
+    let mut negotiated = match packet::negotiate(req, limits.max_blksize) {
         Ok(n) => n,
         Err(reason) => return fail(packet::ERR_OPTIONS, reason),
     };
@@ -413,6 +413,11 @@ fn transfer(
         Ok(s) => s,
         Err((code, reason)) => return fail(code, reason),
     };
+    if source.size() == 0 {
+        // RFC 2349 lets the server leave tsize out; curl takes "tsize 0"
+        // in an OACK for an error, so an empty file gets no tsize.
+        negotiated.acknowledged.retain(|o| *o != "tsize");
+    }
     let timeout = negotiated
         .timeout
         .map_or(limits.timeout, |s| Duration::from_secs(s.into()));
