@@ -76,6 +76,9 @@ pub struct Listen {
 /// where it is told.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
+    if s.is_empty() {
+        return Err("needs an IP address: the TFTP front end binds only where it is told".into());
+    }
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
