@@ -98,25 +98,44 @@ impl Server {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once `ready` holds for it (a transfer logs after its last
+    /// packet), or after 5 s.
+    fn log_when(&self, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log_text();
+            if ready(&log) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn addr(&self) -> SocketAddr {
         format!("127.0.0.1:{}", self.port).parse().unwrap()
     }
 }
 
-/// Waits until a request for a missing file gets ERROR 1.
+/// Waits until the server answers, or its process ends.
 fn wait_ready(child: &mut Child, port: u16) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if child.try_wait().ok().flatten().is_some() {
             return false;
         }
-        let c = Client::new(Duration::from_millis(200));
-        c.rrq(port, "kiwispray-ready-probe", &[]);
-        if let Some((p, _)) = c.recv() {
-            return error_of(&p).is_some_and(|(code, _)| code == 1);
+        if answers(port) {
+            return true;
         }
     }
     false
+}
+
+/// Whether a request for a missing file gets ERROR 1 within 200 ms.
+fn answers(port: u16) -> bool {
+    let c = Client::new(Duration::from_millis(200));
+    c.rrq(port, "kiwispray-ready-probe", &[]);
+    c.recv()
+        .is_some_and(|(p, _)| error_of(&p).is_some_and(|(code, _)| code == 1))
 }
 
 /// A download's content and OACK options, or an ERROR's code and message.
@@ -462,11 +481,7 @@ fn a_transfer_without_acks_is_given_up() {
         copies += 1;
     }
     assert_eq!(copies, 3, "DATA 1 sent three times, then no more");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !s.log_text().contains("gave up") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let log = s.log_text();
+    let log = s.log_when(|l| l.contains("gave up"));
     assert!(
         log.lines().any(|l| l.contains("\"f\" 0 bytes")
             && l.contains("gave up: block 1 not acknowledged after 3 tries")),
@@ -597,12 +612,15 @@ fn more_transfers_than_the_cap_are_told_to_try_again() {
     let s = Server::start(&["--tftp-max-transfers", "2"], |root| {
         fs::write(root.join("boot/f"), bytes(3000, 6)).unwrap();
     });
+    // The readiness probe's transfer frees its place once it has logged.
+    s.log_when(|l| l.contains("kiwispray-ready-probe"));
     // Two transfers hold their places while their DATA 1 waits for an ACK.
     let holders: Vec<(Client, SocketAddr)> = (0..2)
         .map(|_| {
             let c = Client::new(Duration::from_secs(3));
             c.rrq(s.port, "f", &[]);
-            let (_, tid) = c.recv().unwrap();
+            let (p, tid) = c.recv().unwrap();
+            assert_eq!(&p[..4], &[0, 3, 0, 1], "{}", s.log_text());
             (c, tid)
         })
         .collect();
@@ -616,7 +634,9 @@ fn more_transfers_than_the_cap_are_told_to_try_again() {
         let mut block = 1u16;
         c.ack(*tid, 0); // a stale ACK is ignored
         loop {
-            let (p, _) = c.recv().unwrap();
+            let (p, _) = c
+                .recv()
+                .unwrap_or_else(|| panic!("block {block}: no DATA\n{}", s.log_text()));
             if u16::from_be_bytes([p[2], p[3]]) != block {
                 continue; // a retransmission
             }
@@ -696,7 +716,47 @@ fn ks_bootstrap_registers_the_host_with_the_service_answer() {
         .unwrap_err();
     assert_eq!(code, 0);
     assert!(msg.contains("MAC"), "{msg}");
-    let log = s.log_text();
+    let log = s.log_when(|l| l.contains("ks/post-install"));
     assert!(!log.contains("0123456789abcdef"), "{log}");
     assert!(log.contains("bootid=<redacted>"), "{log}");
+}
+
+#[test]
+fn serve_sh_with_tftp_set_runs_the_front_end_and_stops_it() {
+    let port = free_udp_port();
+    let mut stack = common::Stack::start_with(common::Options {
+        env: vec![("TFTP".into(), format!("127.0.0.1:{port}"))],
+        ..common::Options::default()
+    });
+    // serve.sh waits for nginx, not for the TFTP front end.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !answers(port) {
+        assert!(Instant::now() < deadline, "no TFTP\n{}", stack.serve_log());
+    }
+    let (body, _) = Client::new(Duration::from_secs(5))
+        .fetch(port, "ks/bootstrap?net0=52:54:00:00:00:02&serial=Y", &[])
+        .unwrap();
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.contains("registered as host 1"), "{body}");
+    assert_eq!(stack.hosts().len(), 1);
+    let log = stack.serve_log();
+    assert!(
+        log.contains(&format!(
+            "TFTP on 127.0.0.1:{port} (web server 127.0.0.1:{})",
+            stack.port
+        )),
+        "{log}"
+    );
+    // The same host over HTTP: one registration, not two.
+    assert_eq!(
+        stack
+            .get("/bootstrap?net0=52:54:00:00:00:02&serial=Y")
+            .status,
+        200
+    );
+    assert_eq!(stack.hosts().len(), 1);
+    stack.stop();
+    let c = Client::new(Duration::from_millis(500));
+    c.rrq(port, "ipxe.efi", &[]);
+    assert!(c.recv().is_none(), "the TFTP front end outlived serve.sh");
 }

@@ -189,10 +189,11 @@ fn listen_loop(
         let spawned = std::thread::Builder::new()
             .name("tftp transfer".into())
             .spawn(move || {
-                let _guard = guard;
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     transfer(&service, local, &http, peer, &req, &limits)
                 }));
+                // The place is free before the line is logged.
+                drop(guard);
                 let (bytes, outcome) = outcome.unwrap_or((0, "internal error".into()));
                 log_transfer(peer, &req.filename, bytes, started, &outcome);
             });
