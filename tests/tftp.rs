@@ -760,3 +760,40 @@ fn serve_sh_with_tftp_set_runs_the_front_end_and_stops_it() {
     c.rrq(port, "ipxe.efi", &[]);
     assert!(c.recv().is_none(), "the TFTP front end outlived serve.sh");
 }
+
+#[test]
+fn bad_tftp_options_exit_with_a_message() {
+    let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let dir = TempDir::new("tftp-args");
+    let root = make_root(dir.path(), |_| {});
+    let cases: &[(&[&str], &str)] = &[
+        (&["--tftp", ""], "needs an IP address"),
+        (&["--tftp", "localhost"], "not an IP address"),
+        (&["--tftp", &taken], "cannot bind UDP"),
+        (
+            &["--tftp", "127.0.0.1:6969", "--bind", "127.0.0.1:0"],
+            "drop --bind",
+        ),
+        (
+            &["--tftp", "127.0.0.1:6969", "--tftp-max-blksize", "7"],
+            "tftp-max-blksize",
+        ),
+        (
+            &["--tftp", "127.0.0.1:6969", "--tftp-max-transfers", "0"],
+            "tftp-max-transfers",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiwispray-fcgi"))
+            .arg("--root")
+            .arg(&root)
+            .args(*args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

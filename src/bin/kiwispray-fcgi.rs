@@ -159,7 +159,7 @@ fn serve_tftp(args: &Args, config: Config) -> ExitCode {
         tries: args.tftp_tries,
     };
     let service = Arc::new(Service::new(config));
-    eprintln!(
+    let message = format!(
         "kiwispray-fcgi: serving {} over TFTP on {} (web server {}, at most {} transfers, \
          blksize up to {})",
         service.config.root.display(),
@@ -173,7 +173,7 @@ fn serve_tftp(args: &Args, config: Config) -> ExitCode {
         limits.max_blksize
     );
     kiwispray::metrics::start_flusher(service.metrics_file());
-    match kiwispray::tftp::serve(service, listen, limits) {
+    match kiwispray::tftp::serve(service, listen, limits, || eprintln!("{message}")) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiwispray-fcgi: {e}");
@@ -203,6 +203,12 @@ fn main() -> ExitCode {
         }
     };
     if !args.tftp.is_empty() {
+        if args.bind.is_some() || args.cgi {
+            eprintln!(
+                "kiwispray-fcgi: --tftp runs the TFTP front end alone; drop --bind and --cgi"
+            );
+            return ExitCode::from(2);
+        }
         return serve_tftp(&args, config);
     }
     let cgi = args.cgi

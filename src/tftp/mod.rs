@@ -103,14 +103,20 @@ pub fn host_port(ip: IpAddr, port: u16) -> String {
 /// request repeated by a peer whose transfer runs is not started twice.
 type Active = Arc<Mutex<HashSet<SocketAddr>>>;
 
-/// Binds every address (all or none) and serves them until the process
-/// ends. Returns only on a bind error.
-pub fn serve(service: Arc<Service>, listen: Vec<Listen>, limits: Limits) -> Result<(), String> {
+/// Binds every address (all or none), calls `bound`, and serves them until
+/// the process ends. Returns only on a bind error.
+pub fn serve(
+    service: Arc<Service>,
+    listen: Vec<Listen>,
+    limits: Limits,
+    bound: impl FnOnce(),
+) -> Result<(), String> {
     let mut sockets = Vec::new();
     for l in &listen {
         let s = UdpSocket::bind(l.addr).map_err(|e| format!("cannot bind UDP {}: {e}", l.addr))?;
         sockets.push((s, l.clone()));
     }
+    bound();
     let active: Active = Arc::new(Mutex::new(HashSet::new()));
     let mut threads = Vec::new();
     for (socket, l) in sockets {
@@ -329,7 +335,11 @@ fn open(
             open_file(&path)
         }
         Target::Dynamic { endpoint, query } => {
-            let port = http.rsplit_once(':').map_or("80", |(_, p)| p);
+            let port = http
+                .rsplit_once(':')
+                .map(|(_, p)| p)
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .unwrap_or("80");
             let req = Request {
                 method: "GET".into(),
                 path: format!("/{endpoint}"),
