@@ -797,3 +797,86 @@ fn bad_tftp_options_exit_with_a_message() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn random_packets_do_not_stop_the_server() {
+    // Enough tries that the transfer outlasts the noise.
+    let s = Server::start(&["--tftp-tries", "20"], |root| {
+        fs::write(root.join("boot/f"), bytes(5000, 8)).unwrap();
+    });
+    let noise = bytes(600 * 800, 11);
+    let c = Client::new(Duration::from_millis(1));
+    // A transfer in progress gets noise on its TID from a stranger too.
+    let victim = Client::new(Duration::from_secs(3));
+    victim.rrq(s.port, "f", &[]);
+    let (_, tid) = victim.recv().unwrap();
+    for (i, chunk) in noise.chunks(600).enumerate() {
+        let len = chunk[0] as usize * 2 % 600;
+        let mut p = chunk[..len].to_vec();
+        if p.len() >= 2 {
+            p[0] = 0;
+            p[1] = chunk[1] % 7;
+        }
+        let to = if i % 5 == 0 { tid } else { s.addr() };
+        let _ = c.sock.send_to(&p, to);
+        while c.recv().is_some() {}
+    }
+    // The transfer survived the noise (DATA 1 is sent again on timeout).
+    let mut data = Vec::new();
+    let mut block = 1u16;
+    loop {
+        let (p, from) = victim.recv().expect("the transfer goes on");
+        assert_eq!(from, tid);
+        if u16::from_be_bytes([p[2], p[3]]) != block {
+            continue;
+        }
+        data.extend_from_slice(&p[4..]);
+        victim.ack(tid, block);
+        if p.len() - 4 < 512 {
+            break;
+        }
+        block += 1;
+    }
+    assert_eq!(data, bytes(5000, 8));
+    let fresh = Client::new(Duration::from_secs(3));
+    assert_eq!(fresh.fetch(s.port, "f", &[]).unwrap().0, bytes(5000, 8));
+    assert!(!s.log_text().contains("panicked"), "{}", s.log_text());
+}
+
+#[test]
+fn serves_on_ipv6_loopback() {
+    let dir = TempDir::new("tftp-v6");
+    let root = make_root(dir.path(), |root| {
+        fs::write(root.join("boot/f"), bytes(3000, 9)).unwrap();
+    });
+    let port = UdpSocket::bind("[::1]:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind ::1")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiwispray-fcgi"))
+        .arg("--root")
+        .arg(&root)
+        .args(["--tftp", &format!("[::1]:{port}")])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = dir.path().join("out");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let ok = Command::new("curl")
+            .args(["-sS", "-g", "--max-time", "10", "-o"])
+            .arg(&out)
+            .arg(format!("tftp://[::1]:{port}/f"))
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            break fs::read(&out).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no answer on [::1]:{port}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(got, bytes(3000, 9));
+}
