@@ -20,6 +20,9 @@
 #                    advertisements): DHCP_RANGE=start,end[,slaac],64,lease
 #                    is needed, SERVER_IP defaults to the interface's
 #                    first global IPv6 address
+#   TFTP=ADDR[:PORT] also run the TFTP front end (kiwispray-fcgi --tftp) on
+#                    that address (port 69 unless given), with the web server
+#                    named as ADDR:PORT for the templates
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -79,6 +82,19 @@ trap 'stop' EXIT
 pids+=($!)
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
 [ -S "$sock" ] || die "kiwispray-fcgi did not create $sock"
+
+# The TFTP front end, only on an address named explicitly.
+if [ -n "${TFTP:-}" ]; then
+    case $TFTP in
+        \[*\]*) tftp_host=${TFTP%%]*}]; ;;          # [v6] or [v6]:port
+        *:*:*) tftp_host="[$TFTP]" ;;                  # bare v6
+        *) tftp_host=${TFTP%%:*} ;;                    # v4 or v4:port
+    esac
+    "$BIN_DIR/kiwispray-fcgi" --root "$ROOT" --tftp "$TFTP" --http "$tftp_host:$PORT" \
+        ${DISCOVER:+--discover} &
+    pids+=($!)
+    say "TFTP on $TFTP (web server $tftp_host:$PORT)"
+fi
 
 # The web server in front of it.
 # shellcheck source=/dev/null

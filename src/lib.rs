@@ -20,6 +20,8 @@
 //!   across processes; [`view`]: the JSON form of a host (CLI and API).
 //! - [`cli`]: the `kiwispray-hosts` commands; [`images`]: KIWI image and live ISO import;
 //!   [`inventory`]: inventory import as a pure plan.
+//! - [`tftp`]: the read-only TFTP front end of the boot service (for GRUB
+//!   under Secure Boot).
 //! - [`bmc`]: out-of-band power through BMCs (IPMI, Redfish) and their
 //!   credentials.
 
@@ -41,4 +43,5 @@ pub mod rollout;
 pub mod runtime;
 pub mod select;
 pub mod store;
+pub mod tftp;
 pub mod view;

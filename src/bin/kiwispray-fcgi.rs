@@ -1,7 +1,9 @@
 //! `kiwispray-fcgi`: the boot service. Speaks FastCGI on a listening socket
 //! passed as fd 0 (spawn-fcgi, systemd with `StandardInput=socket`), on
 //! systemd's `LISTEN_FDS` socket, or on one it binds itself (`--bind`); or
-//! answers a single CGI request when run by a web server as CGI.
+//! answers a single CGI request when run by a web server as CGI. With
+//! `--tftp ADDR[:PORT]` it is the read-only TFTP front end instead
+//! (`kiwispray::tftp`).
 
 use clap::Parser;
 use kiwispray::api::Service;
@@ -17,11 +19,12 @@ use std::sync::Arc;
 #[command(
     name = "kiwispray-fcgi",
     version,
-    about = "KIWIspray boot service (FastCGI or CGI)",
+    about = "KIWIspray boot service (FastCGI, CGI or TFTP)",
     long_about = "Answers /bootstrap, /post-install, /finish, /state, /update and /hosts \
                   behind a web server.\n\nWith no --bind it serves FastCGI on the listening \
                   socket passed as fd 0 (or systemd's LISTEN_FDS); run by a web server as CGI \
-                  (GATEWAY_INTERFACE set, no socket on fd 0) it answers one request."
+                  (GATEWAY_INTERFACE set, no socket on fd 0) it answers one request. With \
+                  --tftp ADDR[:PORT] it is the read-only TFTP front end of the same service."
 )]
 struct Args {
     /// Deployment root (templates/, images/, known_hosts.json).
@@ -42,6 +45,28 @@ struct Args {
     /// Most FastCGI connections served at once; more wait for one (503 with Retry-After after 1 s).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Serve TFTP (read-only) on this address instead of FastCGI; port 69
+    /// unless given. Repeat for more addresses. Never a default wildcard.
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    tftp: Vec<String>,
+    /// The web server the machines reach, `HOST:PORT` (templates' server
+    /// address and port); default: `server` from kiwispray.json, else the
+    /// TFTP address with port 80.
+    #[arg(long, value_name = "HOST:PORT")]
+    http: Option<String>,
+    /// Most TFTP transfers at once; more requests get "busy, try again".
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    tftp_max_transfers: u64,
+    /// Largest TFTP block size granted (RFC 2348: 8..65464).
+    #[arg(long, default_value_t = 1468, value_parser = clap::value_parser!(u16).range(8..=65464))]
+    tftp_max_blksize: u16,
+    /// Seconds before a TFTP packet is sent again, unless the client
+    /// negotiates its own timeout.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=255))]
+    tftp_timeout: u64,
+    /// Sends of one TFTP packet before the transfer is given up.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
+    tftp_tries: u32,
     /// Answer one CGI request even if fd 0 is a socket.
     #[arg(long)]
     cgi: bool,
@@ -109,6 +134,54 @@ fn systemd_socket() -> Option<RawFd> {
     (pid == std::process::id() && fds >= 1 && is_socket(3)).then_some(3)
 }
 
+/// The TFTP front end: binds every `--tftp` address and serves until killed.
+fn serve_tftp(args: &Args, config: Config) -> ExitCode {
+    let mut listen = Vec::new();
+    for a in &args.tftp {
+        let addr = match kiwispray::tftp::parse_listen(a) {
+            Ok(addr) => addr,
+            Err(e) => {
+                eprintln!("kiwispray-fcgi: --tftp {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let http = args
+            .http
+            .clone()
+            .or_else(|| config.server.clone())
+            .unwrap_or_else(|| kiwispray::tftp::host_port(addr.ip(), 80));
+        listen.push(kiwispray::tftp::Listen { addr, http });
+    }
+    let limits = kiwispray::tftp::Limits {
+        max_transfers: args.tftp_max_transfers as usize,
+        max_blksize: args.tftp_max_blksize,
+        timeout: std::time::Duration::from_secs(args.tftp_timeout),
+        tries: args.tftp_tries,
+    };
+    let service = Arc::new(Service::new(config));
+    let message = format!(
+        "kiwispray-fcgi: serving {} over TFTP on {} (web server {}, at most {} transfers, \
+         blksize up to {})",
+        service.config.root.display(),
+        listen
+            .iter()
+            .map(|l| l.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        listen[0].http,
+        limits.max_transfers,
+        limits.max_blksize
+    );
+    kiwispray::metrics::start_flusher(service.metrics_file());
+    match kiwispray::tftp::serve(service, listen, limits, || eprintln!("{message}")) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiwispray-fcgi: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.generate_man {
@@ -129,6 +202,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !args.tftp.is_empty() {
+        if args.bind.is_some() || args.cgi {
+            eprintln!(
+                "kiwispray-fcgi: --tftp runs the TFTP front end alone; drop --bind and --cgi"
+            );
+            return ExitCode::from(2);
+        }
+        return serve_tftp(&args, config);
+    }
     let cgi = args.cgi
         || (args.bind.is_none()
             && std::env::var_os("GATEWAY_INTERFACE").is_some()
