@@ -880,3 +880,57 @@ fn serves_on_ipv6_loopback() {
     let _ = child.wait();
     assert_eq!(got, bytes(3000, 9));
 }
+
+/// The GRUB flavour over TFTP, as Debian's signed GRUB under Secure Boot
+/// reaches it: `/grub/grub.cfg` is `bootstrap.grub` (through the
+/// checkout's `boot/grub/grub.cfg` link), `ks/bootstrap?...&loader=grub`
+/// registers the machine and answers GRUB script, and an error answer is a
+/// TFTP ERROR with the reason (the `# ` of the GRUB comment removed).
+#[test]
+fn grub_gets_its_config_and_answers_over_tftp() {
+    let s = Server::start(&[], |root| {
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(repo().join("boot/grub"))
+            .arg(root.join("boot/grub"))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cp -a boot/grub");
+    });
+    let c = Client::new(Duration::from_secs(5));
+    let (cfg, _) = c.fetch(s.port, "/grub/grub.cfg", &[]).unwrap();
+    assert_eq!(
+        cfg,
+        fs::read(repo().join("templates/bootstrap.grub")).unwrap()
+    );
+    let (body, _) = Client::new(Duration::from_secs(5))
+        .fetch(
+            s.port,
+            "/ks/bootstrap?net0=52:54:00:00:00:07&serial=SN%207&platform=efi&buildarch=x86_64&loader=grub",
+            &[("blksize", "1024")],
+        )
+        .unwrap();
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains(
+            "echo 'KIWIspray: this machine is registered as host 1 and waits for an operator.'"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("#!ipxe"), "{text}");
+    let hosts: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.root.join("known_hosts.json")).unwrap()).unwrap();
+    assert_eq!(hosts[0]["serial"], "SN 7");
+    let (code, msg) = Client::new(Duration::from_secs(5))
+        .fetch(s.port, "ks/bootstrap?net0=zz&loader=grub", &[])
+        .unwrap_err();
+    assert_eq!(code, 0);
+    assert!(msg.starts_with("kiwispray: no valid MAC"), "{msg}");
+    // the template beside an image is not served
+    fs::create_dir_all(s.root.join("images/web")).unwrap();
+    fs::write(s.root.join("images/web/host.grub"), "echo x\n").unwrap();
+    let (code, _) = Client::new(Duration::from_secs(5))
+        .fetch(s.port, "images/web/host.grub", &[])
+        .unwrap_err();
+    assert_eq!(code, 2);
+}

@@ -14,7 +14,7 @@
 //! Hostile-input rules are those of the web server: `..`, hidden
 //! components, backslashes and control characters are refused, only
 //! regular files are served, and the secrets (`known_hosts.json`,
-//! `bmc-credentials.json`, `*.tmpl`, anything outside `boot/` and
+//! `bmc-credentials.json`, templates (`*.tmpl`, `*.grub`), anything outside `boot/` and
 //! `images/`) never are. Only octet mode is served; netascii is refused
 //! with a reason. Bounds: at most [`Limits::max_transfers`] transfers at
 //! once, retransmission after the (negotiated) timeout, at most
@@ -268,7 +268,12 @@ pub fn map_name(name: &str) -> Result<Target, Refusal> {
         }
     }
     let last = parts[parts.len() - 1];
-    if last.ends_with(".tmpl") || last == "bmc-credentials.json" || last == "known_hosts.json" {
+    // Templates of any flavour (`host.tmpl`, `host.grub`) are rendered by
+    // the service, never served as they are.
+    let template = last
+        .rsplit_once('.')
+        .is_some_and(|(_, ext)| crate::flavour::by_extension(ext).is_some());
+    if template || last == "bmc-credentials.json" || last == "known_hosts.json" {
         return access("this file is not served");
     }
     let base = if parts[0] == "images" {
@@ -634,6 +639,7 @@ mod tests {
             "a\\b",
             "a\u{1}b",
             "images/s/host.tmpl",
+            "images/s/host.grub",
             "images/bmc-credentials.json",
             "known_hosts.json",
             "bmc-credentials.json",
