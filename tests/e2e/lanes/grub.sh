@@ -223,7 +223,7 @@ gr_lane_sb() {
 # firmware gave up on booting (its setup menu).
 gr_local_outcome() { booted "$1" disk || serial_has "$1" 'BdsDxe: starting Boot[0-9A-F]+ "UiApp"'; }
 gr_not_uiapp() {
-    lacks "$1" 'BdsDxe: starting Boot[0-9A-F]+ "UiApp"' || {
+    ! serial_has "$1" 'BdsDxe: starting Boot[0-9A-F]+ "UiApp"' || {
         echo "after finished.grub's exit, OVMF started UiApp, its setup menu: GRUB 2.06 leaves with EFI_SUCCESS whatever status exit is given, so the firmware does not try its next boot option"
         return 1
     }
