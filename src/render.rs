@@ -194,6 +194,20 @@ impl Template {
         Ok(template)
     }
 
+    /// The names the template's placeholders start with (`metadata` for
+    /// `@metadata.rack@`), in order, repeated as often as they are used.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Placeholder { path, .. } => path.first().map(String::as_str),
+            Segment::Text(_) => None,
+        })
+    }
+
+    /// Whether a placeholder of the template starts with `name`.
+    pub fn uses(&self, name: &str) -> bool {
+        self.names().any(|n| n == name)
+    }
+
     /// Renders the template with the values in `context` (a JSON object).
     pub fn render(&self, context: &Value) -> Result<String, String> {
         let mut source = String::new();

@@ -1610,15 +1610,30 @@ fn cli_edits_race_with_machines_registering_under_nginx() {
     let stack = Arc::new(Stack::start(r.path()));
     let done = Arc::new(AtomicUsize::new(0));
 
-    // A reader that checks the file is valid JSON whenever it looks.
+    // A reader that checks the file is valid JSON whenever it looks. As
+    // documented, a raw read that meets a registration being appended in
+    // place may see the file unfinished; reading again must then give a
+    // complete file at once, with no host of the last complete read lost.
     let db_path = r.db_path();
     let stop = done.clone();
     let reader = thread::spawn(move || {
         let mut reads = 0;
+        let mut known = 0;
         while stop.load(Ordering::Relaxed) < 2 {
-            let text = fs::read_to_string(&db_path).unwrap();
-            serde_json::from_str::<Value>(&text)
-                .unwrap_or_else(|e| panic!("invalid JSON mid-race: {e}\n{text}"));
+            let started = Instant::now();
+            let hosts = loop {
+                let text = fs::read_to_string(&db_path).unwrap();
+                match serde_json::from_str::<Value>(&text) {
+                    Ok(v) => break v,
+                    Err(e) if started.elapsed() > Duration::from_secs(1) => {
+                        panic!("invalid JSON for a second mid-race: {e}\n{text}")
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            let n = hosts.as_array().map_or(0, Vec::len);
+            assert!(n >= known, "a raw read lost hosts: {n} after {known}");
+            known = n;
             reads += 1;
             thread::sleep(Duration::from_millis(2));
         }

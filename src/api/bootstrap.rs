@@ -21,6 +21,7 @@ use crate::flavour::{self, Flavour};
 use crate::hosts::{Host, Key, STATE_DISCOVER};
 use crate::identity::Mac;
 use crate::lifecycle::{self, Identity, InstallDecision, NextBoot, Report};
+use crate::render::Template;
 use crate::runtime::{self, human_duration, HostRuntime, Seen};
 use crate::store::Txn;
 use serde_json::Value;
@@ -188,17 +189,27 @@ impl Service {
         flavour: &dyn Flavour,
     ) -> Response {
         let max = self.config.max_installs.unwrap_or(installing);
-        let mut ctx = self.context(req, host, &HostRuntime::default(), None, Some(flavour));
-        if let Value::Object(m) = &mut ctx {
-            m.insert("installing".into(), installing.into());
-            m.insert("max_installs".into(), max.into());
-            m.insert("retry_seconds".into(), DEFER_RETRY.into());
-        }
+        let context = |t: &Template| {
+            let mut ctx = self.context(
+                req,
+                host,
+                &HostRuntime::default(),
+                None,
+                Some(flavour),
+                Some(t),
+            );
+            if let Value::Object(m) = &mut ctx {
+                m.insert("installing".into(), installing.into());
+                m.insert("max_installs".into(), max.into());
+                m.insert("retry_seconds".into(), DEFER_RETRY.into());
+            }
+            ctx
+        };
         let path = self
             .config
             .templates_dir()
             .join(format!("deferred.{}", flavour.extension()));
-        match self.render_first(&[path], &ctx) {
+        match self.render_first(&[path], context) {
             Ok(Some(text)) => Response::text(200, text),
             Ok(None) | Err(_) => Response::text(
                 200,
@@ -245,7 +256,7 @@ impl Service {
         let tdir = self.config.templates_dir();
         let ext = flavour.extension();
         let state = host.current_state();
-        let mut ctx = self.context(req, host, rt, Some(facts), Some(flavour));
+        let mut held = false;
         let refuse = |lines: &[String]| refusal(flavour, lines);
         let candidates = match lifecycle::next_boot(&host.state) {
             NextBoot::Wait => vec![tdir.join(format!("new.{ext}"))],
@@ -255,7 +266,7 @@ impl Service {
                 return refuse(&[format!("host {}: {reason}", host.id)]);
             }
             NextBoot::Install(_) if rt.hold.is_some() => {
-                hold_context(&mut ctx, host, rt);
+                held = true;
                 vec![tdir.join(format!("held.{ext}"))]
             }
             NextBoot::Install(s) if s == STATE_DISCOVER && rt.bootid.is_none() => {
@@ -269,7 +280,14 @@ impl Service {
                 }
             },
         };
-        match self.render_first(&candidates, &ctx) {
+        let context = |t: &Template| {
+            let mut ctx = self.context(req, host, rt, Some(facts), Some(flavour), Some(t));
+            if held {
+                hold_context(&mut ctx, host, rt);
+            }
+            ctx
+        };
+        match self.render_first(&candidates, context) {
             Ok(Some(text)) => Response::text(200, text),
             Ok(None) if rt.hold.is_some() => held_fallback(host, rt, flavour),
             Ok(None) => {

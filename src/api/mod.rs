@@ -413,8 +413,13 @@ impl Service {
         self.store.snapshot().map_err(|e| store_failure(&e))
     }
 
-    /// Renders the first template of `candidates` that exists.
-    fn render_first(&self, candidates: &[PathBuf], ctx: &Value) -> Result<Option<String>, String> {
+    /// Renders the first template of `candidates` that exists, with the
+    /// values `context` gives for it.
+    fn render_first(
+        &self,
+        candidates: &[PathBuf],
+        context: impl FnOnce(&Template) -> Value,
+    ) -> Result<Option<String>, String> {
         for path in candidates {
             let template: Arc<Template> = match self.templates.load(path) {
                 Ok(Some(t)) => t,
@@ -422,14 +427,16 @@ impl Service {
                 Err(e) => return Err(e.to_string()),
             };
             return template
-                .render(ctx)
+                .render(&context(&template))
                 .map(Some)
                 .map_err(|e| format!("template {}: {e}", path.display()));
         }
         Ok(None)
     }
 
-    /// The values templates can use.
+    /// The values templates can use; with `needs`, only those that
+    /// template names (a finished host's script uses two of them, and
+    /// working out the rest cost more than the rest of its answer).
     fn context(
         &self,
         req: &Request,
@@ -437,12 +444,43 @@ impl Service {
         rt: &HostRuntime,
         facts: Option<&Facts>,
         flavour: Option<&dyn Flavour>,
+        needs: Option<&Template>,
     ) -> Value {
-        let (ip, port) = server_address(req);
-        let mut ctx = match host.to_value() {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        };
+        let wants = |name: &str| needs.is_none_or(|t| t.uses(name));
+        let mut ctx = Map::new();
+        let service_names = [
+            "state",
+            "chain",
+            "bootid",
+            "HOST",
+            "LOADER",
+            "SERVER_IP",
+            "SERVER_PORT",
+            "BASE_URL",
+            "HOST_DATA",
+            "request",
+        ];
+        let own_fields = needs.is_some_and(|t| {
+            t.names().all(|n| {
+                service_names.contains(&n)
+                    || matches!(n, "id" | "hostname" | "macs" | "serial" | "uuid")
+            })
+        });
+        if own_fields {
+            for (k, v) in [
+                ("hostname", &host.hostname),
+                ("macs", &host.macs),
+                ("serial", &host.serial),
+                ("uuid", &host.uuid),
+            ] {
+                if wants(k) {
+                    ctx.insert(k.into(), v.clone().into());
+                }
+            }
+            ctx.insert("id".into(), host.id.into());
+        } else if let Value::Object(m) = host.to_value() {
+            ctx = m;
+        }
         ctx.insert("state".into(), host.current_state().into());
         ctx.insert("chain".into(), host.state.clone().into());
         if let Some(b) = &rt.bootid {
@@ -452,9 +490,15 @@ impl Service {
         if let Some(f) = flavour {
             ctx.insert("LOADER".into(), f.name().into());
         }
-        ctx.insert("SERVER_IP".into(), ip.clone().into());
-        ctx.insert("SERVER_PORT".into(), port.clone().into());
-        ctx.insert("BASE_URL".into(), format!("http://{ip}:{port}").into());
+        if wants("SERVER_IP") || wants("SERVER_PORT") || wants("BASE_URL") {
+            let (ip, port) = server_address(req);
+            ctx.insert("BASE_URL".into(), format!("http://{ip}:{port}").into());
+            ctx.insert("SERVER_IP".into(), ip.into());
+            ctx.insert("SERVER_PORT".into(), port.into());
+        }
+        if !wants("HOST_DATA") && !wants("request") {
+            return Value::Object(ctx);
+        }
         let mut data = vec![
             format!("id={}", host.id),
             format!("hostname={}", host.hostname),

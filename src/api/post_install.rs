@@ -47,8 +47,9 @@ impl Service {
             .config
             .post_install_templates(host.current_state())
             .map_err(|e| Response::error(400, e))?;
-        let ctx = self.context(req, host, rt, None, None);
-        match self.render_first(&candidates, &ctx) {
+        let context =
+            |t: &crate::render::Template| self.context(req, host, rt, None, None, Some(t));
+        match self.render_first(&candidates, context) {
             Ok(Some(text)) => Ok(Response::text(200, text)),
             Ok(None) => Err(Response::error(
                 404,
