@@ -223,10 +223,15 @@ gr_lane_sb() {
 # firmware gave up on booting (its setup menu).
 gr_local_outcome() { booted "$1" disk || serial_has "$1" 'BdsDxe: starting Boot[0-9A-F]+ "UiApp"'; }
 gr_not_uiapp() {
-    ! serial_has "$1" 'BdsDxe: starting Boot[0-9A-F]+ "UiApp"' || {
-        echo "after finished.grub's exit, OVMF started UiApp, its setup menu: GRUB 2.06 leaves with EFI_SUCCESS whatever status exit is given, so the firmware does not try its next boot option"
-        return 1
-    }
+    ! serial_has "$1" 'BdsDxe: starting Boot[0-9A-F]+ "UiApp"' && return 0
+    local why
+    why=$(tr -d '\r' <"$1" | grep -aE -m1 'Failed to load image .*grubx64|start_image\(\) returned')
+    if [ -n "$why" ]; then
+        echo "OVMF started UiApp, its setup menu: the disk's boot loader that finished.grub chainloaded failed ($why; GRUB gave it the device path of the network it came from, not the disk's)"
+    else
+        echo "OVMF started UiApp, its setup menu, after finished.grub: GRUB 2.06 leaves with EFI_SUCCESS whatever status exit is given, so the firmware does not try its next boot option"
+    fi
+    return 1
 }
 # gr_initrd_time: the TFTP front end's time for the installer's initrd,
 # into the timings.
