@@ -263,14 +263,14 @@ guest_start() {
         local code=$OVMF_CODE vars=$OVMF_VARS machine_opt=q35
         if [ "$fw" = uefi-sb ]; then
             code=$OVMF_SB_CODE vars=$OVMF_SB_VARS machine_opt=q35,smm=on
-            args+=(-global driver=cfi.pflash01,property=secure,value=on)
+            args+=(-global "driver=cfi.pflash01,property=secure,value=on")
         fi
         [ -e "$WORK/$machine.vars" ] || cp "$vars" "$WORK/$machine.vars"
         args+=(-machine "$machine_opt" -m 1536
                -drive "if=pflash,format=raw,unit=0,readonly=on,file=$code"
                -drive "if=pflash,format=raw,unit=1,file=$WORK/$machine.vars")
     elif [ "$fw" = aarch64 ]; then
-        qemu=qemu-system-aarch64
+        qemu="qemu-system-aarch64"
         [ -e "$WORK/$machine.vars" ] || cp "$AAVMF_VARS" "$WORK/$machine.vars"
         args+=(-machine virt -cpu cortex-a57 -m 1536
                -drive "if=pflash,format=raw,unit=0,readonly=on,file=$AAVMF_CODE"
