@@ -12,7 +12,13 @@ SERVE_PKGS = $(if $(filter lighttpd,$(WEB)),lighttpd,nginx)
 TEST_PKGS = nginx curl wrk dnsmasq qemu-system-x86 ipxe ipxe-qemu ovmf busybox-static xz-utils cpio iproute2 xorriso \
 	lighttpd rpm systemd git prometheus chromium chromium-driver \
 	mmdebstrap fdisk e2fsprogs dosfstools mtools python3-pip \
-	openipmi ipmitool python3-venv openssl grub-common
+	openipmi ipmitool python3-venv openssl grub-common \
+	shim-signed shim-unsigned grub-efi-amd64-signed grub-efi-amd64-bin qemu-system-arm qemu-efi-aarch64
+# The e2e's cache; the GRUB lane takes Debian's signed ARM64 network GRUB
+# (grub-efi-arm64-signed, an arm64 package) from it, extracted there.
+E2E_CACHE ?= /var/cache/kiwispray-e2e
+GRUB_ARM64_DIR = $(E2E_CACHE)/grub-efi-arm64-signed
+GRUB_ARM64_EFI = $(GRUB_ARM64_DIR)/usr/lib/grub/arm64-efi-signed/grubnetaa64.efi.signed
 RPM_PKGS = rpm
 BENCH_PKGS = nginx wrk curl
 
@@ -40,6 +46,13 @@ deps-serve: deps-build
 
 deps-test: deps-build
 	$(call apt_install,$(TEST_PKGS))
+	@[ -e $(GRUB_ARM64_EFI) ] || { \
+		echo "extracting grub-efi-arm64-signed:arm64 into $(GRUB_ARM64_DIR)"; \
+		dpkg --print-foreign-architectures | grep -qx arm64 || \
+			{ dpkg --add-architecture arm64 && $(APT_GET) update >/dev/null; }; \
+		d=$$(mktemp -d) && (cd $$d && apt-get download -q -o APT::Sandbox::User=root grub-efi-arm64-signed:arm64 >/dev/null) && \
+		rm -rf $(GRUB_ARM64_DIR) && dpkg -x $$d/grub-efi-arm64-signed_*_arm64.deb $(GRUB_ARM64_DIR); \
+		rc=$$?; rm -rf $$d; [ $$rc = 0 ] && [ -e $(GRUB_ARM64_EFI) ]; }
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@[ -x /var/cache/kiwispray-venv/bin/sushy-emulator ] || { python3 -m venv /var/cache/kiwispray-venv && /var/cache/kiwispray-venv/bin/pip install -q sushy-tools; }

@@ -5,8 +5,14 @@
 # the overlay in testimage/root (a unit printing
 # KIWISPRAY-E2E-INSTALLED-SYSTEM-BOOTED on ttyS0). The root tree is made by
 # mmdebstrap from this machine's apt sources; the disk is an MBR disk with
-# an EFI system partition (GRUB's BOOTX64.EFI) and an ext4 root, GRUB's BIOS
-# boot code in the MBR and the gap after it. It is laid out as a current
+# an EFI system partition and an ext4 root, GRUB's BIOS boot code in the
+# MBR and the gap after it. The EFI system partition boots under Secure
+# Boot: EFI/BOOT/BOOTX64.EFI is Debian's shim (signed by Microsoft's UEFI
+# CA), EFI/BOOT/grubx64.efi beside it Debian's signed monolithic GRUB,
+# whose built-in config reads EFI/BOOT/grub.cfg ($cmdpath/grub.cfg; there
+# is no /EFI/debian), which goes on to the root's /boot/grub/grub.cfg; it
+# boots the image's kernel, which Debian signed too. Without Secure Boot
+# the same chain runs unchecked. It is laid out as a current
 # KIWI oem PXE build (<P>.xz, <P>.sha256 "<digest> <blocks> <blocksize>",
 # <P>.append, <P>.config.bootoptions, <P>.kernel, <P>.initrd) with the
 # installer as pxeboot.<P>.kernel and pxeboot.<P>.initrd. Built once and
@@ -27,6 +33,8 @@ P=kiwispray-e2e.x86_64-1.0.0
 blocksize=4096
 esp_mib=16
 PKGS=systemd,systemd-sysv,udev,e2fsprogs,linux-image-cloud-amd64,initramfs-tools,grub-pc-bin,grub-efi-amd64-bin,curl
+# the signed UEFI chain for the EFI system partition
+PKGS+=,shim-signed,grub-efi-amd64-signed
 mkdir -p "$cache" "$out"
 
 suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
@@ -38,7 +46,7 @@ done
 
 # bump RECIPE when the build steps below change (the kernel command lines
 # are written on each call, outside the cache)
-RECIPE=1
+RECIPE=2
 key=$( { echo "$RECIPE $suite $PKGS"; cat "${sources[@]}";
          (cd "$repo" && find firstboot tests/e2e/testimage/root -type f | sort | xargs sha256sum); } \
        | sha256sum | cut -c1-16)
@@ -69,7 +77,7 @@ echo kiwispray-e2e >"\$r/etc/hostname"
 : >"\$r/etc/machine-id"
 kver=\$(ls "\$r/lib/modules" | sort -V | tail -n1)
 echo "\$kver" >"$tmp/out/kver"
-# GRUB, BIOS and UEFI: core images that find the root by its UUID
+# GRUB for BIOS: a core image that finds the root by its UUID
 mkdir -p "\$r/boot/grub"
 printf 'search --no-floppy --fs-uuid --set=root %s\nset prefix=(\$root)/boot/grub\n' "$uuid" >"\$r/var/tmp/early.cfg"
 cat >"\$r/boot/grub/grub.cfg" <<CFG
@@ -84,8 +92,12 @@ boot
 CFG
 mods="part_msdos ext2 fat search search_fs_uuid normal linux echo serial terminal configfile test"
 chroot "\$r" grub-mkimage -O i386-pc -o /var/tmp/core.img -c /var/tmp/early.cfg -p /boot/grub biosdisk \$mods
-chroot "\$r" grub-mkimage -O x86_64-efi -o /var/tmp/BOOTX64.EFI -c /var/tmp/early.cfg -p /boot/grub \$mods
-mv "\$r/var/tmp/core.img" "\$r/var/tmp/BOOTX64.EFI" "$tmp/out/"
+mv "\$r/var/tmp/core.img" "$tmp/out/"
+# UEFI: the signed chain, shim -> GRUB -> the root's grub.cfg (the same as
+# the early config above, which the signed GRUB cannot take built in)
+cp "\$r/usr/lib/shim/shimx64.efi.signed" "$tmp/out/BOOTX64.EFI"
+cp "\$r/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" "$tmp/out/grubx64.efi"
+{ cat "\$r/var/tmp/early.cfg"; echo 'configfile \$prefix/grub.cfg'; } >"$tmp/out/esp-grub.cfg"
 rm "\$r/var/tmp/early.cfg"
 cp "\$r/usr/lib/grub/i386-pc/boot.img" "$tmp/out/boot.img"
 EOF
@@ -115,6 +127,8 @@ EOF
     mkfs.vfat -n EFI -C "$tmp/esp.vfat" $((esp_mib * 1024)) >/dev/null
     mmd -i "$tmp/esp.vfat" ::/EFI ::/EFI/BOOT
     mcopy -i "$tmp/esp.vfat" "$tmp/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+    mcopy -i "$tmp/esp.vfat" "$tmp/grubx64.efi" ::/EFI/BOOT/grubx64.efi
+    mcopy -i "$tmp/esp.vfat" "$tmp/esp-grub.cfg" ::/EFI/BOOT/grub.cfg
     # the disk: 1 MiB for the MBR and GRUB's core, the ESP, the root
     local disk=$tmp/disk.raw total
     total=$((1 + esp_mib + mib))

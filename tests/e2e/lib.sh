@@ -14,6 +14,12 @@ DHCP_RANGE=10.77.0.100,10.77.0.199,255.255.255.0,1h
 IPXE_ROM=/usr/lib/ipxe/qemu/efi-virtio.rom
 OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
 OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
+# Secure Boot enforced: the SMM build with Microsoft's keys enrolled
+OVMF_SB_CODE=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd
+OVMF_SB_VARS=/usr/share/OVMF/OVMF_VARS_4M.ms.fd
+# ARM64 (qemu-efi-aarch64)
+AAVMF_CODE=/usr/share/AAVMF/AAVMF_CODE.fd
+AAVMF_VARS=/usr/share/AAVMF/AAVMF_VARS.fd
 
 log() { printf '%s e2e: %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -234,17 +240,19 @@ seed_root() {
 # --- guests ------------------------------------------------------------------
 
 # guest_start MACHINE LABEL FIRMWARE DISK SERIAL UUID NIC... -> prints the pid
-#   FIRMWARE: bios | uefi; NIC: <bridge>:<mac>.  Each NIC gets a tap device
+#   FIRMWARE: bios | uefi | uefi-sb (OVMF with Secure Boot enforced) |
+#   aarch64 (qemu-system-aarch64, AAVMF); NIC: <bridge>:<mac>.  Each NIC gets a tap device
 #   in the bed's namespace (bed name in $BED). Serial console goes to
 #   $WORK/logs/MACHINE-LABEL.serial. The guest never reboots (-no-reboot).
 guest_start() {
     local machine=$1 label=$2 fw=$3 disk=$4 serial=$5 uuid=$6
     shift 6
     local ns=kse2e-$$-$BED log=$WORK/logs/$machine-$label.serial
+    local qemu=qemu-system-x86_64
     local args=(-accel tcg -smp 1 -nographic -monitor none -no-reboot
                 -name "kse2e-$machine-$label" -serial "file:$log"
                 -smbios "type=1,serial=${serial//,/,,},uuid=$uuid")
-    if [ "$fw" = uefi ]; then
+    if [ "$fw" = uefi ] || [ "$fw" = uefi-sb ]; then
         # no PXE over IPv6: PXEv4 -> iPXE, then straight on to the disk.
         # OVMF_FW_CFG (space-separated -fw_cfg values, may be empty)
         # replaces this, e.g. to drop the PXEv4 option for HTTP boot.
@@ -252,9 +260,20 @@ guest_start() {
         for fwcfg in ${OVMF_FW_CFG-name=opt/org.tianocore/IPv6PXESupport,string=no}; do
             args+=(-fw_cfg "$fwcfg")
         done
-        [ -e "$WORK/$machine.vars" ] || cp "$OVMF_VARS" "$WORK/$machine.vars"
-        args+=(-machine q35 -m 1536
-               -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
+        local code=$OVMF_CODE vars=$OVMF_VARS machine_opt=q35
+        if [ "$fw" = uefi-sb ]; then
+            code=$OVMF_SB_CODE vars=$OVMF_SB_VARS machine_opt=q35,smm=on
+            args+=(-global "driver=cfi.pflash01,property=secure,value=on")
+        fi
+        [ -e "$WORK/$machine.vars" ] || cp "$vars" "$WORK/$machine.vars"
+        args+=(-machine "$machine_opt" -m 1536
+               -drive "if=pflash,format=raw,unit=0,readonly=on,file=$code"
+               -drive "if=pflash,format=raw,unit=1,file=$WORK/$machine.vars")
+    elif [ "$fw" = aarch64 ]; then
+        qemu="qemu-system-aarch64"
+        [ -e "$WORK/$machine.vars" ] || cp "$AAVMF_VARS" "$WORK/$machine.vars"
+        args+=(-machine virt -cpu cortex-a57 -m 1536
+               -drive "if=pflash,format=raw,unit=0,readonly=on,file=$AAVMF_CODE"
                -drive "if=pflash,format=raw,unit=1,file=$WORK/$machine.vars")
     else
         args+=(-machine pc -m 1536)
@@ -271,7 +290,7 @@ guest_start() {
         # UEFI: no NIC ROM, so OVMF's own PXE client loads snponly.efi over
         # TFTP from dnsmasq.
         rom=
-        [ "$fw" = uefi ] && rom=,romfile=
+        [ "$fw" = bios ] || rom=,romfile=
         args+=(-netdev "tap,id=n$i,ifname=$tap,script=no,downscript=no"
                -device "virtio-net-pci,netdev=n$i,mac=$mac$rom,bootindex=$((i + 1))")
         i=$((i + 1))
@@ -279,8 +298,8 @@ guest_start() {
     args+=(-drive "if=none,id=d0,format=raw,file=$disk"
            -device "virtio-blk-pci,drive=d0,bootindex=$((i + 1))")
     : >"$log"
-    echo "qemu-system-x86_64 ${args[*]}" >"$WORK/logs/$machine-$label.cmd"
-    ip netns exec "$ns" qemu-system-x86_64 "${args[@]}" \
+    echo "$qemu ${args[*]}" >"$WORK/logs/$machine-$label.cmd"
+    ip netns exec "$ns" "$qemu" "${args[@]}" \
         >"$WORK/logs/$machine-$label.qemu" 2>&1 </dev/null &
     echo $!
 }
