@@ -218,6 +218,7 @@ install:
 	$(call install_new,dnsmasq/kiwispray.conf,$(DESTDIR)$(SYSCONFDIR)/kiwispray/dnsmasq/kiwispray.conf,0644)
 	$(call install_new,dnsmasq/kiwispray-proxy.conf,$(DESTDIR)$(SYSCONFDIR)/kiwispray/dnsmasq/kiwispray-proxy.conf,0644)
 	$(call install_new,dnsmasq/kiwispray-ipv6.conf,$(DESTDIR)$(SYSCONFDIR)/kiwispray/dnsmasq/kiwispray-ipv6.conf,0644)
+	$(call install_new,dnsmasq/kiwispray-grub.conf,$(DESTDIR)$(SYSCONFDIR)/kiwispray/dnsmasq/kiwispray-grub.conf,0644)
 	@sed 's#/srv/kiwispray#$(SRVDIR)#g; s#/usr/share/kiwispray/#$(DATADIR)/kiwispray/#g' nginx/kiwispray.conf > $(DESTDIR)$(SYSCONFDIR)/nginx/conf.d/kiwispray.conf.new
 	@sed 's#/srv/kiwispray#$(SRVDIR)#g; s#/usr/share/kiwispray/#$(DATADIR)/kiwispray/#g' lighttpd/kiwispray.conf > $(DESTDIR)$(SYSCONFDIR)/lighttpd/conf.d/kiwispray.conf.new
 	@for f in $(DESTDIR)$(SYSCONFDIR)/nginx/conf.d/kiwispray.conf $(DESTDIR)$(SYSCONFDIR)/lighttpd/conf.d/kiwispray.conf; do \

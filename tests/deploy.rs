@@ -389,7 +389,7 @@ fn boot_lifecycle(port: u16, root: &Path) {
 fn dnsmasq_full_and_proxy_configs_pass_dnsmasq_syntax_check() {
     let dnsmasq = need("dnsmasq", "dnsmasq");
     let dir = repo().join("dnsmasq");
-    for name in ["kiwispray.conf", "kiwispray-proxy.conf"] {
+    for name in ["kiwispray.conf", "kiwispray-proxy.conf", "kiwispray-grub.conf"] {
         let out = run(Command::new(&dnsmasq)
             .arg("--test")
             .arg(format!("--conf-file={}", dir.join(name).display())));
@@ -854,6 +854,7 @@ fn rpm_builds_lists_its_files_and_installs_into_a_scratch_root() {
         "/etc/kiwispray/kiwispray.json",
         "/etc/kiwispray/dnsmasq/kiwispray.conf",
         "/etc/kiwispray/dnsmasq/kiwispray-proxy.conf",
+        "/etc/kiwispray/dnsmasq/kiwispray-grub.conf",
         "/etc/nginx/conf.d/kiwispray.conf",
         "/etc/lighttpd/conf.d/kiwispray.conf",
         "/srv/kiwispray",
