@@ -389,7 +389,11 @@ fn boot_lifecycle(port: u16, root: &Path) {
 fn dnsmasq_full_and_proxy_configs_pass_dnsmasq_syntax_check() {
     let dnsmasq = need("dnsmasq", "dnsmasq");
     let dir = repo().join("dnsmasq");
-    for name in ["kiwispray.conf", "kiwispray-proxy.conf", "kiwispray-grub.conf"] {
+    for name in [
+        "kiwispray.conf",
+        "kiwispray-proxy.conf",
+        "kiwispray-grub.conf",
+    ] {
         let out = run(Command::new(&dnsmasq)
             .arg("--test")
             .arg(format!("--conf-file={}", dir.join(name).display())));
