@@ -198,7 +198,17 @@ EOF
 }
 
 pw_pid() { cat "$WORK/power/bmc/qemu.pid" 2>/dev/null; }
-pw_gone() { [ ! -e "/proc/$1" ] || [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" = Z ]; }
+# pw_gone PID N: boot N's QEMU process (PID) has exited: no live process
+# runs as `-name kse2e-P-N` (a zombie has no command line, and a PID
+# taken again by another process is not that guest); says what it found
+# otherwise.
+pw_gone() {
+    local live
+    live=$(pgrep -f -- "-name kse2e-P-$2 " | tr '\n' ' ')
+    [ -z "$live" ] && return 0
+    echo "boot $2's QEMU still runs: pid $live(recorded $1): $(ps -o pid=,stat=,etime= -p "${live%% *}" 2>&1)"
+    return 1
+}
 pw_boots() { cat "$WORK/power/bmc/boots" 2>/dev/null || echo 0; }
 pw_log() { echo "$WORK/logs/P-$1-power-on.serial"; }
 # pw_status WANT: power status through the BMC reports WANT, in the table and in --json.
@@ -269,6 +279,7 @@ pw_lane() {
         [ -n "$fd" ] || sleep 1
     done
     pid1=$(pw_pid)
+    boot1=$(pw_boots)
     since=$(log_lines power)
     nboot=$(bootstraps)
     out=$(pw_cli reinstall 1 --state "$IMAGE" 2>&1)
@@ -283,8 +294,8 @@ pw_lane() {
     ck 12 "the guest was power-cycled (a new QEMU process)" test "$pid2" != "$pid1" -a -n "$pid2"
     # gone: exited (a zombie not yet reaped by its new parent counts, as in
     # the chassis control's own `running`)
-    for _ in $(seq 20); do pw_gone "$pid1" && break; sleep 0.5; done
-    ck 12 "the old QEMU process is gone" pw_gone "$pid1"
+    for _ in $(seq 60); do pw_gone "$pid1" "$boot1" >/dev/null && break; sleep 0.5; done
+    ck 12 "the old QEMU process is gone" pw_gone "$pid1" "$boot1"
     ck 12 "the BMC was told: boot pxe, power off, power on" \
         python3 - "$WORK/power/bmc/chassis.log" <<'PY'
 import re, sys
