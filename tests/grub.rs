@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{enc, golden, Options, Stack};
+use common::{enc, golden, Stack};
 use serde_json::{json, Value};
 use std::fs;
 use std::io::Write;
@@ -64,17 +64,7 @@ fn stack_with_hosts(hosts: Value) -> Stack {
 }
 
 fn stack_with(hosts: Value, prepare: impl FnOnce(&Path) + 'static) -> Stack {
-    Stack::start_with(Options {
-        prepare: Some(Box::new(move |root: &Path| {
-            fs::write(
-                root.join("known_hosts.json"),
-                serde_json::to_string_pretty(&hosts).unwrap(),
-            )
-            .unwrap();
-            prepare(root);
-        })),
-        ..Options::default()
-    })
+    Stack::with_hosts(hosts, false, prepare)
 }
 
 #[test]

@@ -57,18 +57,7 @@ fn stack_with_hosts(hosts: Value) -> Stack {
 }
 
 fn stack_with(hosts: Value, discover: bool, prepare: impl FnOnce(&Path) + 'static) -> Stack {
-    Stack::start_with(Options {
-        discover,
-        prepare: Some(Box::new(move |root: &Path| {
-            fs::write(
-                root.join("known_hosts.json"),
-                serde_json::to_string_pretty(&hosts).unwrap(),
-            )
-            .unwrap();
-            prepare(root);
-        })),
-        ..Options::default()
-    })
+    Stack::with_hosts(hosts, discover, prepare)
 }
 
 fn host(id: u64, macs: &str, serial: &str, state: &str) -> Value {

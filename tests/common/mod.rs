@@ -132,6 +132,28 @@ impl Stack {
         Stack::start_with(Options::default())
     }
 
+    /// A stack whose database holds `hosts` (a JSON array in the seed's
+    /// format), in discover mode if asked, after `prepare` has changed the
+    /// root.
+    pub fn with_hosts(
+        hosts: serde_json::Value,
+        discover: bool,
+        prepare: impl FnOnce(&Path) + 'static,
+    ) -> Stack {
+        Stack::start_with(Options {
+            discover,
+            prepare: Some(Box::new(move |root: &Path| {
+                fs::write(
+                    root.join("known_hosts.json"),
+                    serde_json::to_string_pretty(&hosts).unwrap(),
+                )
+                .unwrap();
+                prepare(root);
+            })),
+            ..Options::default()
+        })
+    }
+
     pub fn start_with(mut opts: Options) -> Stack {
         let dirs = TempDir::new("stack");
         let root = dirs.path().join("root");
