@@ -51,7 +51,7 @@ deps-test: deps-build
 		dpkg --print-foreign-architectures | grep -qx arm64 || \
 			{ dpkg --add-architecture arm64 && $(APT_GET) update >/dev/null; }; \
 		d=$$(mktemp -d) && (cd $$d && apt-get download -q -o APT::Sandbox::User=root grub-efi-arm64-signed:arm64 >/dev/null) && \
-		rm -rf $(GRUB_ARM64_DIR) && dpkg -x $$d/grub-efi-arm64-signed_*_arm64.deb $(GRUB_ARM64_DIR); \
+		rm -rf $(GRUB_ARM64_DIR) && mkdir -p $(E2E_CACHE) && dpkg -x $$d/grub-efi-arm64-signed_*_arm64.deb $(GRUB_ARM64_DIR); \
 		rc=$$?; rm -rf $$d; [ $$rc = 0 ] && [ -e $(GRUB_ARM64_EFI) ]; }
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
