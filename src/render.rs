@@ -98,6 +98,20 @@ impl std::error::Error for TemplateError {}
 pub struct Template {
     pub path: PathBuf,
     pub segments: Vec<Segment>,
+    /// The template in tinytemplate's syntax, built once: the text with
+    /// `{` escaped, and `{ v.N | slot }` for each value of [`Slot`]s.
+    source: Arc<str>,
+    slots: Vec<Slot>,
+}
+
+/// What a value of the tinytemplate source stands for.
+#[derive(Debug, Clone, PartialEq)]
+enum Slot {
+    /// Backslashes that end a text run (they would escape the tag after
+    /// them), passed as a value.
+    Text(String),
+    /// The placeholder at this index of `segments`.
+    Placeholder(usize),
 }
 
 fn is_name_char(c: char) -> bool {
@@ -178,9 +192,12 @@ impl Template {
         if text_start < text.len() {
             segments.push(Segment::Text(text[text_start..].to_string()));
         }
+        let (source, slots) = tinytemplate_source(&segments);
         let template = Template {
             path: path.to_path_buf(),
             segments,
+            source: source.into(),
+            slots,
         };
         // Compile once now so that any problem shows at load time.
         template
@@ -210,25 +227,45 @@ impl Template {
 
     /// Renders the template with the values in `context` (a JSON object).
     pub fn render(&self, context: &Value) -> Result<String, String> {
-        let mut source = String::new();
-        let mut values: Vec<Value> = Vec::new();
-        let push_value = |source: &mut String, values: &mut Vec<Value>, v: Value, f: Filter| {
-            source.push_str(&format!("{{ v.{} | {} }}", values.len(), f.name()));
-            values.push(v);
-        };
-        for seg in &self.segments {
-            let (text, value) = match seg {
-                Segment::Text(t) => (t.as_str(), None),
-                Segment::Placeholder {
-                    written,
-                    path,
-                    filter,
-                } => match lookup(context, path) {
-                    Some(v) => ("", Some((v.clone(), *filter))),
-                    None => (written.as_str(), None),
+        let slot =
+            |filter: Filter, value: Value| Value::Array(vec![Value::from(filter.name()), value]);
+        let values: Vec<Value> = self
+            .slots
+            .iter()
+            .map(|s| match s {
+                Slot::Text(t) => slot(Filter::Raw, Value::from(t.as_str())),
+                Slot::Placeholder(i) => match &self.segments[*i] {
+                    Segment::Placeholder {
+                        written,
+                        path,
+                        filter,
+                    } => match lookup(context, path) {
+                        Some(v) => slot(*filter, v.clone()),
+                        None => slot(Filter::Raw, Value::from(written.as_str())),
+                    },
+                    Segment::Text(t) => slot(Filter::Raw, Value::from(t.as_str())),
                 },
-            };
-            if !text.is_empty() {
+            })
+            .collect();
+        let mut ctx = serde_json::Map::new();
+        ctx.insert("v".into(), Value::Array(values));
+        with_compiled(&self.source, |tt| tt.render("t", &Value::Object(ctx)))?
+            .map_err(|e| format!("cannot render template: {e}"))
+    }
+}
+
+/// The tinytemplate source of a template's segments and what each of its
+/// values stands for.
+fn tinytemplate_source(segments: &[Segment]) -> (String, Vec<Slot>) {
+    let mut source = String::new();
+    let mut slots = Vec::new();
+    let mut push_slot = |source: &mut String, slot: Slot| {
+        source.push_str(&format!("{{ v.{} | slot }}", slots.len()));
+        slots.push(slot);
+    };
+    for (i, seg) in segments.iter().enumerate() {
+        match seg {
+            Segment::Text(text) => {
                 // tinytemplate reads every `{`; `\{` is its literal brace.
                 // Backslashes that end a text run would escape the value
                 // tag after them, so they are passed as a value instead.
@@ -236,26 +273,74 @@ impl Template {
                 let trailing = &text[body.len()..];
                 source.push_str(&body.replace('{', "\\{"));
                 if !trailing.is_empty() {
-                    push_value(&mut source, &mut values, Value::from(trailing), Filter::Raw);
+                    push_slot(&mut source, Slot::Text(trailing.to_string()));
                 }
             }
-            if let Some((v, f)) = value {
-                push_value(&mut source, &mut values, v, f);
-            }
+            Segment::Placeholder { .. } => push_slot(&mut source, Slot::Placeholder(i)),
         }
-        let mut tt = TinyTemplate::new();
-        tt.set_default_formatter(&format_raw);
-        tt.add_formatter("raw", format_raw);
-        tt.add_formatter("shell", format_shell);
-        tt.add_formatter("url", format_url);
-        tt.add_formatter("json", format_json);
-        tt.add_formatter("ipxe", format_ipxe);
-        tt.add_formatter("grub", format_grub);
-        tt.add_template("t", &source)
-            .map_err(|e| format!("cannot compile template: {e}"))?;
-        let ctx = serde_json::json!({ "v": values });
-        tt.render("t", &ctx)
-            .map_err(|e| format!("cannot render template: {e}"))
+    }
+    (source, slots)
+}
+
+/// A compiled tinytemplate and the source it borrows.
+struct Compiled {
+    // Declared first: dropped before the source it points into.
+    tt: TinyTemplate<'static>,
+    source: Arc<str>,
+}
+
+/// How many compiled templates each thread keeps.
+const COMPILED_PER_THREAD: usize = 32;
+
+thread_local! {
+    /// Templates compiled by this thread (a `TinyTemplate` can be neither
+    /// shared nor sent between threads), most recently compiled last.
+    static COMPILED: std::cell::RefCell<Vec<Compiled>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `source` compiled, compiling it on this thread's first use.
+fn with_compiled<R>(source: &Arc<str>, f: impl FnOnce(&TinyTemplate) -> R) -> Result<R, String> {
+    COMPILED.with(|cell| {
+        let mut compiled = cell.borrow_mut();
+        let i = match compiled.iter().position(|c| Arc::ptr_eq(&c.source, source)) {
+            Some(i) => i,
+            None => {
+                // SAFETY: the text lives as long as an `Arc` of it does; the
+                // `Compiled` holds one and drops `tt`, the only borrower,
+                // first. The `&'static` never leaves the `Compiled`.
+                let text: &'static str = unsafe { &*Arc::as_ptr(source) };
+                let mut tt = TinyTemplate::new();
+                tt.set_default_formatter(&format_raw);
+                tt.add_formatter("slot", format_slot);
+                tt.add_template("t", text)
+                    .map_err(|e| format!("cannot compile template: {e}"))?;
+                if compiled.len() == COMPILED_PER_THREAD {
+                    compiled.remove(0);
+                }
+                compiled.push(Compiled {
+                    tt,
+                    source: source.clone(),
+                });
+                compiled.len() - 1
+            }
+        };
+        Ok(f(&compiled[i].tt))
+    })
+}
+
+/// The formatter of every value: `[filter, value]`.
+fn format_slot(value: &Value, out: &mut String) -> tinytemplate::error::Result<()> {
+    let (filter, value) = match value.as_array().map(Vec::as_slice) {
+        Some([Value::String(f), v]) => (f.as_str(), v),
+        _ => return format_raw(value, out),
+    };
+    match filter {
+        "shell" => format_shell(value, out),
+        "url" => format_url(value, out),
+        "json" => format_json(value, out),
+        "ipxe" => format_ipxe(value, out),
+        "grub" => format_grub(value, out),
+        _ => format_raw(value, out),
     }
 }
 
