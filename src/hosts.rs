@@ -57,54 +57,66 @@ pub struct Host {
 /// reading a host several times slower than the JSON parse itself.
 impl<'de> Deserialize<'de> for Host {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Host;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a host object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Host, A::Error> {
-                use serde::de::Error;
-                let mut id = None;
-                let mut host = Host::new(0, &[], "", "", "");
-                host.hostname.clear();
-                while let Some(key) = map.next_key::<String>()? {
-                    let field = match key.as_str() {
-                        "id" => {
-                            if id.is_some() {
-                                return Err(A::Error::duplicate_field("id"));
-                            }
-                            id = Some(id_from(map.next_value()?).map_err(A::Error::custom)?);
-                            continue;
-                        }
-                        "macs" => &mut host.macs,
-                        "serial" => &mut host.serial,
-                        "uuid" => &mut host.uuid,
-                        "hostname" => &mut host.hostname,
-                        "state" => &mut host.state,
-                        "metadata" => {
-                            host.metadata =
-                                metadata_from(map.next_value()?).map_err(A::Error::custom)?;
-                            continue;
-                        }
-                        "bmc" => {
-                            host.bmc =
-                                opt_string_from(map.next_value()?).map_err(A::Error::custom)?;
-                            continue;
-                        }
-                        _ => {
-                            let value = map.next_value()?;
-                            host.extra.insert(key, value);
-                            continue;
-                        }
-                    };
-                    *field = string_from(map.next_value()?).map_err(A::Error::custom)?;
+        d.deserialize_map(HostVisitor { rest: true })
+    }
+}
+
+/// Reads a host; without `rest`, `metadata` and other tools' fields are
+/// skipped (checked as JSON, not kept).
+struct HostVisitor {
+    rest: bool,
+}
+
+impl<'de> serde::de::Visitor<'de> for HostVisitor {
+    type Value = Host;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a host object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Host, A::Error> {
+        use serde::de::{Error, IgnoredAny};
+        let mut id = None;
+        let mut host = Host::new(0, &[], "", "", "");
+        host.hostname.clear();
+        // Keys are borrowed from the text where they have no escapes.
+        while let Some(key) = map.next_key::<LightField>()? {
+            let LightField::Text(key) = key else {
+                return Err(A::Error::custom("a key is not a string"));
+            };
+            let field = match &*key {
+                "id" => {
+                    if id.is_some() {
+                        return Err(A::Error::duplicate_field("id"));
+                    }
+                    id = Some(id_from(map.next_value()?).map_err(A::Error::custom)?);
+                    continue;
                 }
-                host.id = id.ok_or_else(|| A::Error::missing_field("id"))?;
-                Ok(host)
-            }
+                "macs" => &mut host.macs,
+                "serial" => &mut host.serial,
+                "uuid" => &mut host.uuid,
+                "hostname" => &mut host.hostname,
+                "state" => &mut host.state,
+                "bmc" => {
+                    host.bmc = opt_string_from(map.next_value()?).map_err(A::Error::custom)?;
+                    continue;
+                }
+                _ if !self.rest => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+                "metadata" => {
+                    host.metadata = metadata_from(map.next_value()?).map_err(A::Error::custom)?;
+                    continue;
+                }
+                _ => {
+                    let value = map.next_value()?;
+                    host.extra.insert(key.into_owned(), value);
+                    continue;
+                }
+            };
+            *field = string_from(map.next_value()?).map_err(A::Error::custom)?;
         }
-        d.deserialize_map(V)
+        host.id = id.ok_or_else(|| A::Error::missing_field("id"))?;
+        Ok(host)
     }
 }
 
@@ -208,8 +220,16 @@ impl Entry {
     }
 
     fn host(&self) -> Host {
+        self.read(true)
+    }
+
+    fn read(&self, rest: bool) -> Host {
+        use serde::Deserializer;
         // The text was written from a `Host`, so it reads back as one.
-        serde_json::from_str(&self.json)
+        let mut de = serde_json::Deserializer::from_str(&self.json);
+        (&mut de)
+            .deserialize_map(HostVisitor { rest })
+            .and_then(|h| de.end().map(|()| h))
             .unwrap_or_else(|e| panic!("host {} does not read back from its JSON: {e}", self.id))
     }
 }
@@ -218,11 +238,11 @@ impl Entry {
 const CHUNK: usize = 64;
 
 /// The hosts in file order, in chunks that clones of the database share:
-/// changing one host copies its chunk and the list of chunks (a pointer per
-/// 64 hosts), not a pointer per host.
+/// a clone costs one reference count; changing one host copies its chunk
+/// and the list of chunks (a pointer per 64 hosts), not a pointer per host.
 #[derive(Debug, Clone, Default)]
 struct Entries {
-    chunks: Vec<Arc<Vec<Entry>>>,
+    chunks: Arc<Vec<Arc<Vec<Entry>>>>,
     len: usize,
 }
 
@@ -240,16 +260,17 @@ impl Entries {
     }
 
     fn set(&mut self, i: usize, entry: Entry) {
-        Arc::make_mut(&mut self.chunks[i / CHUNK])[i % CHUNK] = entry;
+        Arc::make_mut(&mut Arc::make_mut(&mut self.chunks)[i / CHUNK])[i % CHUNK] = entry;
     }
 
     fn push(&mut self, entry: Entry) {
-        match self.chunks.last_mut() {
+        let chunks = Arc::make_mut(&mut self.chunks);
+        match chunks.last_mut() {
             Some(chunk) if chunk.len() < CHUNK => Arc::make_mut(chunk).push(entry),
             _ => {
                 let mut chunk = Vec::with_capacity(CHUNK);
                 chunk.push(entry);
-                self.chunks.push(Arc::new(chunk));
+                chunks.push(Arc::new(chunk));
             }
         }
         self.len += 1;
@@ -308,16 +329,17 @@ fn uuid_bits(uuid: &str) -> Option<u128> {
 const SHARDS: usize = 256;
 
 /// A hash map split into shards that clones of the database share, so
-/// that adding a host copies one shard of each index, not the whole index.
+/// that a clone costs one reference count and adding a host copies one
+/// shard of each index (and the list of shards), not the whole index.
 #[derive(Debug, Clone)]
 struct Sharded<K, V> {
-    shards: Vec<Arc<HashMap<K, V>>>,
+    shards: Arc<Vec<Arc<HashMap<K, V>>>>,
 }
 
 impl<K, V> Default for Sharded<K, V> {
     fn default() -> Self {
         Sharded {
-            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+            shards: Arc::new((0..SHARDS).map(|_| Arc::new(HashMap::new())).collect()),
         }
     }
 }
@@ -339,28 +361,28 @@ impl<K: Hash + Eq + Clone, V: Clone> Sharded<K, V> {
     }
 
     fn insert(&mut self, key: K, value: V) {
-        Arc::make_mut(&mut self.shards[Self::shard(&key)]).insert(key, value);
+        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[Self::shard(&key)]).insert(key, value);
     }
 
     fn remove<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
     {
-        let shard = &mut self.shards[Self::shard(key)];
-        if !shard.contains_key(key) {
+        let i = Self::shard(key);
+        if !self.shards[i].contains_key(key) {
             return None;
         }
-        Arc::make_mut(shard).remove(key)
+        Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[i]).remove(key)
     }
 
     fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
-        self.shards
+        Arc::make_mut(&mut self.shards)
             .iter_mut()
             .flat_map(|s| Arc::make_mut(s).values_mut())
     }
 
     fn shrink_to_fit(&mut self) {
-        for s in &mut self.shards {
+        for s in Arc::make_mut(&mut self.shards) {
             Arc::make_mut(s).shrink_to_fit();
         }
     }
@@ -956,6 +978,12 @@ impl Database {
     /// The host with this id, parsed from its JSON.
     pub fn get(&self, id: u64) -> Option<Host> {
         self.entry(id).map(Entry::host)
+    }
+
+    /// The host with this id without its `metadata` and other tools'
+    /// fields (empty here): for answers that use only its own fields.
+    pub fn get_core(&self, id: u64) -> Option<Host> {
+        self.entry(id).map(|e| e.read(false))
     }
 
     /// Whether a host with this id exists (without parsing it).

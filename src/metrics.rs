@@ -126,6 +126,8 @@ struct Requests {
     /// (path, status, count)
     counts: Vec<(&'static str, u16, u64)>,
     latency: Vec<Latency>,
+    /// (boot outcome, count)
+    boots: Vec<(&'static str, u64)>,
 }
 
 struct Latency {
@@ -139,6 +141,7 @@ struct Latency {
 static REQUESTS: Mutex<Requests> = Mutex::new(Requests {
     counts: Vec::new(),
     latency: Vec::new(),
+    boots: Vec::new(),
 });
 
 /// Counts a request the handler answered, with its latency. `path` is one
@@ -177,17 +180,23 @@ pub fn count_request(path: &'static str, status: u16, seconds: f64) {
 
 /// Moves the counted requests into the pending series.
 fn absorb_requests() {
-    let (counts, latency) = {
+    absorb_commits();
+    let (counts, latency, boots) = {
         let mut r = lock(&REQUESTS);
         (
             std::mem::take(&mut r.counts),
             std::mem::take(&mut r.latency),
+            std::mem::take(&mut r.boots),
         )
     };
-    if counts.is_empty() && latency.is_empty() {
+    if counts.is_empty() && latency.is_empty() && boots.is_empty() {
         return;
     }
     let mut p = lock(&PENDING);
+    for (outcome, n) in boots {
+        let labels = format!("outcome=\"{}\"", escape(outcome));
+        add(&mut p, series("kiwispray_boots_total", &labels), n as f64);
+    }
     for (path, status, n) in counts {
         let labels = format!("path=\"{}\",status=\"{status}\"", escape(path));
         add(
@@ -215,28 +224,65 @@ fn absorb_requests() {
 }
 
 /// Counts a `/bootstrap` by what it decided (one of [`BOOT_OUTCOMES`]).
-pub fn count_boot(outcome: &str) {
-    let mut p = lock(&PENDING);
-    add(
-        &mut p,
-        series(
-            "kiwispray_boots_total",
-            &format!("outcome=\"{}\"", escape(outcome)),
-        ),
-        1.0,
-    );
+pub fn count_boot(outcome: &'static str) {
+    // Counted like requests, without building the series name each time.
+    let mut r = lock(&REQUESTS);
+    match r.boots.iter_mut().find(|(o, _)| *o == outcome) {
+        Some(c) => c.1 += 1,
+        None => r.boots.push((outcome, 1)),
+    }
 }
 
 /// Records how long one commit of the store took (lock, read, write, sync).
 pub fn observe_commit(seconds: f64) {
-    let mut p = lock(&PENDING);
-    observe_into(
-        &mut p,
-        "kiwispray_store_commit_duration_seconds",
-        "",
-        COMMIT_BUCKETS,
-        seconds,
+    // Counted per bucket here; the series are named when they are absorbed.
+    let mut c = lock(&COMMITS);
+    for (n, b) in c.buckets.iter_mut().zip(COMMIT_BUCKETS) {
+        if seconds <= *b {
+            *n += 1;
+        }
+    }
+    c.count += 1;
+    c.sum += seconds;
+}
+
+/// Commit durations since they were last absorbed: per bound of
+/// [`COMMIT_BUCKETS`] (cumulative), their number and sum.
+struct Commits {
+    buckets: [u64; COMMIT_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+static COMMITS: Mutex<Commits> = Mutex::new(Commits {
+    buckets: [0; COMMIT_BUCKETS.len()],
+    count: 0,
+    sum: 0.0,
+});
+
+/// Moves the commit durations into the pending counts.
+fn absorb_commits() {
+    let c = std::mem::replace(
+        &mut *lock(&COMMITS),
+        Commits {
+            buckets: [0; COMMIT_BUCKETS.len()],
+            count: 0,
+            sum: 0.0,
+        },
     );
+    if c.count == 0 {
+        return;
+    }
+    let name = "kiwispray_store_commit_duration_seconds";
+    let mut p = lock(&PENDING);
+    for (n, b) in c.buckets.iter().zip(COMMIT_BUCKETS) {
+        if *n > 0 {
+            add(&mut p, bucket_key(name, "", &fmt_f64(*b)), *n as f64);
+        }
+    }
+    add(&mut p, bucket_key(name, "", "+Inf"), c.count as f64);
+    add(&mut p, series(&format!("{name}_sum"), ""), c.sum);
+    add(&mut p, series(&format!("{name}_count"), ""), c.count as f64);
 }
 
 /// The shared counter file of the database at `db`.

@@ -389,11 +389,16 @@ impl Patch {
 /// How many shards the table is kept in: a change copies one shard.
 const SHARDS: usize = 64;
 
+/// One shard of a [`RuntimeTable`], shared by clones until one changes it.
+type Shard = Arc<HashMap<u64, Arc<HostRuntime>>>;
+
 /// The records of all hosts. Cheap to clone: the shards are shared until a
 /// clone changes one.
 #[derive(Debug, Clone)]
 pub struct RuntimeTable {
-    shards: Vec<Arc<HashMap<u64, Arc<HostRuntime>>>>,
+    /// Shared by clones (a clone costs one reference count); a change
+    /// copies the list of shards and the one shard it touches.
+    shards: Arc<Vec<Shard>>,
     len: usize,
     max_id: u64,
     /// Records with an install in progress (see [`HostRuntime::is_installing`]).
@@ -403,7 +408,7 @@ pub struct RuntimeTable {
 impl Default for RuntimeTable {
     fn default() -> Self {
         RuntimeTable {
-            shards: (0..SHARDS).map(|_| Arc::new(HashMap::new())).collect(),
+            shards: Arc::new((0..SHARDS).map(|_| Arc::new(HashMap::new())).collect()),
             len: 0,
             max_id: 0,
             installing: 0,
@@ -433,7 +438,7 @@ impl RuntimeTable {
 
     /// Applies a patch; a record left empty is dropped.
     pub fn apply(&mut self, patch: &Patch) {
-        let shard = Arc::make_mut(&mut self.shards[Self::shard(patch.id)]);
+        let shard = Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[Self::shard(patch.id)]);
         let mut rt = shard
             .get(&patch.id)
             .map(|r| (**r).clone())
