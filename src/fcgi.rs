@@ -11,29 +11,29 @@ use std::io::{Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-/// Builds a request from CGI-style variables and a body reader.
+/// Builds a request from CGI-style variables and a body reader. Each
+/// variable is asked for once.
 pub fn request_from(
-    var: impl Fn(&str) -> Option<String>,
+    mut var: impl FnMut(&str) -> Option<String>,
     body: &mut dyn Read,
 ) -> Result<Request, Response> {
-    let get = |k: &str| var(k).unwrap_or_default();
+    let mut get = |k: &str| var(k).unwrap_or_default();
     let script = get("SCRIPT_NAME");
     let path_info = get("PATH_INFO");
+    let document_uri = get("DOCUMENT_URI");
     let path = if !path_info.is_empty() {
         format!("{script}{path_info}")
-    } else if !get("DOCUMENT_URI").is_empty() {
-        get("DOCUMENT_URI")
+    } else if !document_uri.is_empty() {
+        document_uri
     } else if !script.is_empty() {
         script
     } else {
-        get("REQUEST_URI")
-            .split('?')
-            .next()
-            .unwrap_or("")
-            .to_string()
+        let mut uri = get("REQUEST_URI");
+        uri.truncate(uri.find('?').unwrap_or(uri.len()));
+        uri
     };
     let mut req = Request {
-        method: get("REQUEST_METHOD").to_ascii_uppercase(),
+        method: get("REQUEST_METHOD"),
         path,
         query: get("QUERY_STRING"),
         body: Vec::new(),
@@ -47,6 +47,7 @@ pub fn request_from(
         server_port: get("SERVER_PORT"),
         redirect_status: get("REDIRECT_STATUS"),
     };
+    req.method.make_ascii_uppercase();
     if req.query.contains('\u{FFFD}') {
         return Err(Response::error(400, "query string is not valid UTF-8"));
     }
@@ -141,11 +142,15 @@ pub fn serve_fastcgi(
     };
     fastcgi::run_raw_with(
         move |mut r: fastcgi::Request| {
-            let vars: Vec<(&str, String)> = VARS
+            let mut vars: Vec<(&str, String)> = VARS
                 .iter()
                 .filter_map(|k| r.param(k).map(|v| (*k, v)))
                 .collect();
-            let lookup = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+            let lookup = |k: &str| {
+                vars.iter_mut()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::mem::take(v))
+            };
             let response = match request_from(lookup, &mut r.stdin()) {
                 Ok(req) => answer(&service, &req),
                 Err(resp) => resp,

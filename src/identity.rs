@@ -20,32 +20,40 @@ impl Mac {
     /// identities and are rejected.
     pub fn parse(text: &str) -> Result<Mac, String> {
         let text = text.trim();
-        let digits: Vec<u8> = text
-            .bytes()
-            .filter(|b| !matches!(b, b':' | b'-' | b'.'))
-            .collect();
-        let shape_ok = match text.len() {
-            12 => digits.len() == 12,
-            14 => digits.len() == 12 && text.bytes().filter(|b| *b == b'.').count() == 2,
-            17 => {
-                let sep = text.as_bytes()[2];
-                (sep == b':' || sep == b'-')
-                    && text
-                        .bytes()
-                        .enumerate()
-                        .all(|(i, b)| if i % 3 == 2 { b == sep } else { b != sep })
-            }
-            _ => false,
+        let bad = || format!("invalid MAC address {:?}", shorten(text));
+        let bytes = text.as_bytes();
+        let separator = |i: usize| match bytes.len() {
+            12 => false,
+            14 => i % 5 == 4,
+            17 => i % 3 == 2,
+            _ => true,
         };
-        if !shape_ok || digits.len() != 12 {
-            return Err(format!("invalid MAC address {:?}", shorten(text)));
-        }
+        let sep = match bytes.len() {
+            12 => 0,
+            14 => b'.',
+            17 if matches!(bytes[2], b':' | b'-') => bytes[2],
+            _ => return Err(bad()),
+        };
         let mut mac = [0u8; 6];
-        for (i, pair) in digits.chunks(2).enumerate() {
-            let hex = std::str::from_utf8(pair)
-                .map_err(|_| format!("invalid MAC address {:?}", shorten(text)))?;
-            mac[i] = u8::from_str_radix(hex, 16)
-                .map_err(|_| format!("invalid MAC address {:?}", shorten(text)))?;
+        let mut digits = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            if separator(i) {
+                if b != sep {
+                    return Err(bad());
+                }
+                continue;
+            }
+            let nibble = match b {
+                b'0'..=b'9' => b - b'0',
+                b'a'..=b'f' => b - b'a' + 10,
+                b'A'..=b'F' => b - b'A' + 10,
+                _ => return Err(bad()),
+            };
+            mac[digits / 2] = mac[digits / 2] << 4 | nibble;
+            digits += 1;
+        }
+        if digits != 12 {
+            return Err(bad());
         }
         if mac == [0; 6] || mac == [0xff; 6] {
             return Err(format!(
@@ -191,11 +199,21 @@ impl Placeholders {
     /// as `00000000` or `XXXXXXXX`).
     pub fn serial_key(&self, serial: &str) -> Option<String> {
         let trimmed = serial.trim();
-        let lower = trimmed.to_lowercase();
-        if lower.is_empty() || self.serials.contains(&lower) {
+        if trimmed.is_empty() {
             return None;
         }
-        let mut chars = lower.chars().filter(|c| !c.is_whitespace());
+        let placeholder = if trimmed.is_ascii() {
+            self.serials.iter().any(|p| p.eq_ignore_ascii_case(trimmed))
+        } else {
+            self.serials.contains(&trimmed.to_lowercase())
+        };
+        if placeholder {
+            return None;
+        }
+        let mut chars = trimmed
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .flat_map(char::to_lowercase);
         if let Some(first) = chars.next() {
             if chars.all(|c| c == first) {
                 return None;
@@ -208,8 +226,9 @@ impl Placeholders {
     /// is malformed or a placeholder.
     pub fn uuid_key(&self, uuid: &str) -> Option<String> {
         let canonical = canonical_uuid(uuid)?;
-        let hex: String = canonical.chars().filter(|c| *c != '-').collect();
-        if hex.chars().all(|c| c == '0') || hex.chars().all(|c| c == 'f') {
+        let mut hex = canonical.bytes().filter(|b| *b != b'-');
+        let first = hex.next()?;
+        if matches!(first, b'0' | b'f') && hex.all(|b| b == first) {
             return None;
         }
         if self.uuids.contains(&canonical) {
@@ -223,25 +242,29 @@ impl Placeholders {
 /// missing-hyphen spelling. `None` when it is not 32 hex digits.
 pub fn canonical_uuid(text: &str) -> Option<String> {
     let text = text.trim().trim_start_matches('{').trim_end_matches('}');
-    let hex: String = text.chars().filter(|c| *c != '-').collect();
-    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    if text.contains('-') {
-        let groups: Vec<usize> = text.split('-').map(str::len).collect();
-        if groups != [8, 4, 4, 4, 12] {
+    let hyphens = text.contains('-');
+    if hyphens {
+        let mut groups = text.split('-').map(str::len);
+        if !groups.by_ref().eq([8, 4, 4, 4, 12]) {
             return None;
         }
     }
-    let hex = hex.to_lowercase();
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    let mut out = String::with_capacity(36);
+    let mut digits = 0;
+    for b in text.bytes() {
+        if b == b'-' {
+            continue;
+        }
+        if !b.is_ascii_hexdigit() || digits == 32 {
+            return None;
+        }
+        if matches!(digits, 8 | 12 | 16 | 20) {
+            out.push('-');
+        }
+        out.push(b.to_ascii_lowercase() as char);
+        digits += 1;
+    }
+    (digits == 32).then_some(out)
 }
 
 fn shorten(text: &str) -> String {

@@ -51,24 +51,26 @@ pub fn report_keys(db: &Database, report: &Report) -> Vec<Key> {
 /// its UUID or any of its MACs matches a host; keys that match different
 /// hosts are a conflict, which is never resolved by guessing.
 pub fn identify(db: &Database, report: &Report) -> Identity {
-    let mut matched: Vec<(Key, Vec<u64>)> = Vec::new();
-    let mut ids: Vec<u64> = Vec::new();
-    for key in report_keys(db, report) {
-        let hits = db.lookup(&key);
-        if hits.is_empty() {
-            continue;
-        }
-        for id in hits {
+    let keys = report_keys(db, report);
+    let mut ids: Vec<u64> = Vec::with_capacity(1);
+    for key in &keys {
+        for id in db.lookup(key) {
             if !ids.contains(id) {
                 ids.push(*id);
             }
         }
-        matched.push((key, hits.to_vec()));
     }
     match ids.len() {
         0 => Identity::Unknown,
         1 => Identity::Known(ids[0]),
-        _ => Identity::Conflict(matched),
+        _ => Identity::Conflict(
+            keys.into_iter()
+                .filter_map(|key| {
+                    let hits = db.lookup(&key).to_vec();
+                    (!hits.is_empty()).then_some((key, hits))
+                })
+                .collect(),
+        ),
     }
 }
 

@@ -91,7 +91,8 @@ impl Service {
                 return Ok(self.conflict(req, &matched, flavour));
             }
             Identity::Known(id) => {
-                let host = snap.get(id).expect("indexed host exists");
+                // Its metadata is read only if the answer's template uses it.
+                let host = snap.get_core(id).expect("indexed host exists");
                 let rt = snap.runtime(id);
                 if lifecycle::unrecorded_macs(&host, &report).is_empty() {
                     let read_only = match lifecycle::next_boot(&host.state) {
@@ -101,7 +102,15 @@ impl Service {
                     if read_only {
                         self.note_seen(id, rt, seen);
                         crate::metrics::count_boot(super::metrics::boot_outcome(&host, rt, false));
-                        return Ok(self.boot_script(req, &host, rt, &facts, flavour));
+                        let full = || snap.get(id).expect("indexed host exists");
+                        return Ok(self.boot_script_of(
+                            req,
+                            &host,
+                            Some(&full),
+                            rt,
+                            &facts,
+                            flavour,
+                        ));
                     }
                 }
             }
@@ -253,6 +262,21 @@ impl Service {
         facts: &Facts,
         flavour: &dyn Flavour,
     ) -> Response {
+        self.boot_script_of(req, host, None, rt, facts, flavour)
+    }
+
+    /// [`Self::boot_script`] of a host that may have been read without its
+    /// metadata ([`crate::hosts::Database::get_core`]): `full` reads it
+    /// whole when the template uses more than the host's own fields.
+    fn boot_script_of(
+        &self,
+        req: &Request,
+        host: &Host,
+        full: Option<&dyn Fn() -> Host>,
+        rt: &HostRuntime,
+        facts: &Facts,
+        flavour: &dyn Flavour,
+    ) -> Response {
         let tdir = self.config.templates_dir();
         let ext = flavour.extension();
         let state = host.current_state();
@@ -281,6 +305,14 @@ impl Service {
             },
         };
         let context = |t: &Template| {
+            let whole;
+            let host = match full {
+                Some(read) if !super::own_fields_only(t) => {
+                    whole = read();
+                    &whole
+                }
+                _ => host,
+            };
             let mut ctx = self.context(req, host, rt, Some(facts), Some(flavour), Some(t));
             if held {
                 hold_context(&mut ctx, host, rt);
@@ -310,13 +342,14 @@ impl Service {
 /// The report and hardware facts of a `/bootstrap` query.
 fn parse_report(params: &Params) -> Result<(Report, Facts), Response> {
     let mut report = Report::default();
-    let mut keys: Vec<String> = (0..8).map(|i| format!("net{i}")).collect();
-    keys.push("dhcp_mac".into());
+    const KEYS: [&str; 9] = [
+        "net0", "net1", "net2", "net3", "net4", "net5", "net6", "net7", "dhcp_mac",
+    ];
     // A NIC with an unusable address (all zeros on some unconfigured
     // ports) must not keep the machine from booting by its other NICs; it
     // only matters when no MAC at all is usable.
     let mut unusable = Vec::new();
-    for key in &keys {
+    for key in KEYS {
         let value = params.one(key).map_err(|e| Response::error(400, e))?;
         match value.map(str::trim) {
             None | Some("") => {}
@@ -339,7 +372,7 @@ fn parse_report(params: &Params) -> Result<(Report, Facts), Response> {
     let text = |k: &str| -> Result<String, Response> {
         let v = params.one(k).map_err(|e| Response::error(400, e))?;
         let v = v.unwrap_or("");
-        if v.chars().count() > 256 {
+        if v.len() > 256 && v.chars().count() > 256 {
             return Err(Response::error(
                 400,
                 format!("{k} is longer than 256 characters"),

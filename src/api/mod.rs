@@ -126,19 +126,24 @@ impl Response {
     /// The response in CGI form: `Status:` and header lines, a blank line,
     /// the body.
     pub fn to_cgi(&self) -> Vec<u8> {
+        use std::io::Write;
         let mut out = Vec::with_capacity(self.body.len() + 160);
-        out.extend_from_slice(
-            format!("Status: {} {}\r\n", self.status, reason_phrase(self.status)).as_bytes(),
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            out,
+            "Status: {} {}\r\n",
+            self.status,
+            reason_phrase(self.status)
         );
         for (name, value) in &self.headers {
-            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+            for part in [name.as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+                out.extend_from_slice(part);
+            }
         }
-        out.extend_from_slice(
-            format!(
-                "Content-Length: {}\r\nCache-Control: no-store\r\n\r\n",
-                self.body.len()
-            )
-            .as_bytes(),
+        let _ = write!(
+            out,
+            "Content-Length: {}\r\nCache-Control: no-store\r\n\r\n",
+            self.body.len()
         );
         out.extend_from_slice(&self.body);
         out
@@ -178,7 +183,8 @@ impl Params {
                 raw.len()
             ));
         }
-        let mut pairs = Vec::new();
+        let parts = raw.iter().filter(|b| **b == b'&').count() + 1;
+        let mut pairs = Vec::with_capacity(parts.min(MAX_PARAMS));
         for part in raw.split(|b| *b == b'&') {
             if part.is_empty() {
                 continue;
@@ -227,26 +233,40 @@ impl Params {
 }
 
 fn decode(raw: &[u8]) -> Result<String, String> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = raw
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or("bad percent-encoding")?;
-                out.push(hex);
-                i += 2;
+    // Most values (MACs, UUIDs, platform names) need no decoding: they are
+    // checked and copied in one go.
+    let plain = !raw.iter().any(|b| matches!(b, b'%' | b'+'));
+    let s = if plain {
+        std::str::from_utf8(raw)
+            .map_err(|_| "not valid UTF-8".to_string())?
+            .to_string()
+    } else {
+        let mut out = Vec::with_capacity(raw.len());
+        let mut i = 0;
+        while i < raw.len() {
+            match raw[i] {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let hex = raw
+                        .get(i + 1..i + 3)
+                        .and_then(|h| std::str::from_utf8(h).ok())
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                        .ok_or("bad percent-encoding")?;
+                    out.push(hex);
+                    i += 2;
+                }
+                b => out.push(b),
             }
-            b => out.push(b),
+            i += 1;
         }
-        i += 1;
-    }
-    let s = String::from_utf8(out).map_err(|_| "not valid UTF-8".to_string())?;
-    if s.chars().any(|c| c.is_control() && c != '\t') {
+        String::from_utf8(out).map_err(|_| "not valid UTF-8".to_string())?
+    };
+    let control = if s.is_ascii() {
+        s.bytes().any(|b| b.is_ascii_control() && b != b'\t')
+    } else {
+        s.chars().any(|c| c.is_control() && c != '\t')
+    };
+    if control {
         return Err("contains control characters".into());
     }
     Ok(s)
@@ -297,6 +317,8 @@ pub struct Service {
     templates: Templates,
     /// When each host's "last seen" time was last queued by this process.
     seen_queued: Mutex<HashMap<u64, u64>>,
+    /// The shared file of the counters `/metrics` reports.
+    metrics_file: PathBuf,
 }
 
 impl Service {
@@ -311,6 +333,7 @@ impl Service {
             Err(e) => log(&format!("cannot move earlier bootids: {e}")),
         }
         Service {
+            metrics_file: crate::metrics::file_for(store.path()),
             store,
             config,
             templates: Templates::default(),
@@ -331,7 +354,7 @@ impl Service {
             response.status,
             started.elapsed().as_secs_f64(),
         );
-        crate::metrics::flush_if_due(&self.metrics_file());
+        crate::metrics::flush_if_due(&self.metrics_file);
         response
     }
 
@@ -356,7 +379,7 @@ impl Service {
 
     /// The shared file of the counters that `/metrics` reports.
     pub fn metrics_file(&self) -> PathBuf {
-        crate::metrics::file_for(self.store.path())
+        self.metrics_file.clone()
     }
 
     fn route(&self, req: &Request) -> Response {
@@ -448,24 +471,7 @@ impl Service {
     ) -> Value {
         let wants = |name: &str| needs.is_none_or(|t| t.uses(name));
         let mut ctx = Map::new();
-        let service_names = [
-            "state",
-            "chain",
-            "bootid",
-            "HOST",
-            "LOADER",
-            "SERVER_IP",
-            "SERVER_PORT",
-            "BASE_URL",
-            "HOST_DATA",
-            "request",
-        ];
-        let own_fields = needs.is_some_and(|t| {
-            t.names().all(|n| {
-                service_names.contains(&n)
-                    || matches!(n, "id" | "hostname" | "macs" | "serial" | "uuid")
-            })
-        });
+        let own_fields = needs.is_some_and(own_fields_only);
         if own_fields {
             for (k, v) in [
                 ("hostname", &host.hostname),
@@ -530,6 +536,28 @@ impl Service {
         ctx.insert("HOST_DATA".into(), ipxe_safe(&data.join(" ")).into());
         Value::Object(ctx)
     }
+}
+
+/// The values [`Service::context`] gives besides the host's fields.
+const SERVICE_NAMES: [&str; 10] = [
+    "state",
+    "chain",
+    "bootid",
+    "HOST",
+    "LOADER",
+    "SERVER_IP",
+    "SERVER_PORT",
+    "BASE_URL",
+    "HOST_DATA",
+    "request",
+];
+
+/// Whether a template uses only the service's values and the host's own
+/// fields (no metadata, no other tools' fields).
+fn own_fields_only(t: &Template) -> bool {
+    t.names().all(|n| {
+        SERVICE_NAMES.contains(&n) || matches!(n, "id" | "hostname" | "macs" | "serial" | "uuid")
+    })
 }
 
 /// The web server's own refusal (lighttpd's `server.error-handler`) as one
