@@ -327,6 +327,7 @@ fn uuid_bits(uuid: &str) -> Option<u128> {
 
 /// How many copy-on-write shards each index map is split into.
 const SHARDS: usize = 256;
+const _: () = assert!(SHARDS.is_power_of_two());
 
 /// A hash map split into shards that clones of the database share, so
 /// that a clone costs one reference count and adding a host copies one
@@ -344,16 +345,60 @@ impl<K, V> Default for Sharded<K, V> {
     }
 }
 
-impl<K: Hash + Eq + Clone, V: Clone> Sharded<K, V> {
-    fn shard<Q: Hash + ?Sized>(key: &Q) -> usize {
-        // Only spreads keys over shards; each shard is a HashMap with its
-        // own randomly keyed hasher.
+/// Which shard of a [`Sharded`] map a key goes to. This only spreads keys
+/// over shards (each shard is a HashMap with its own randomly keyed
+/// hasher), so numbers and addresses are mixed with one multiplication.
+trait ShardKey {
+    fn shard(&self) -> usize;
+}
+
+/// The top bits of `x` times 2^64/φ (Fibonacci hashing): an index below
+/// [`SHARDS`] that depends on every bit of `x`.
+fn spread(x: u64) -> usize {
+    (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SHARDS.trailing_zeros())) as usize
+}
+
+impl ShardKey for u64 {
+    fn shard(&self) -> usize {
+        spread(*self)
+    }
+}
+
+impl ShardKey for u128 {
+    fn shard(&self) -> usize {
+        spread(*self as u64 ^ (*self >> 64) as u64)
+    }
+}
+
+impl ShardKey for Mac {
+    fn shard(&self) -> usize {
+        let b = self.bytes();
+        spread(u64::from_be_bytes([
+            0, 0, b[0], b[1], b[2], b[3], b[4], b[5],
+        ]))
+    }
+}
+
+impl ShardKey for str {
+    fn shard(&self) -> usize {
         let mut h = std::hash::DefaultHasher::new();
-        key.hash(&mut h);
-        (h.finish() % SHARDS as u64) as usize
+        self.hash(&mut h);
+        spread(h.finish())
+    }
+}
+
+impl ShardKey for Arc<str> {
+    fn shard(&self) -> usize {
+        (**self).shard()
+    }
+}
+
+impl<K: Hash + Eq + Clone + ShardKey, V: Clone> Sharded<K, V> {
+    fn shard<Q: ShardKey + ?Sized>(key: &Q) -> usize {
+        key.shard()
     }
 
-    fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
+    fn get<Q: Hash + Eq + ShardKey + ?Sized>(&self, key: &Q) -> Option<&V>
     where
         K: Borrow<Q>,
     {
@@ -364,7 +409,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Sharded<K, V> {
         Arc::make_mut(&mut Arc::make_mut(&mut self.shards)[Self::shard(&key)]).insert(key, value);
     }
 
-    fn remove<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<V>
+    fn remove<Q: Hash + Eq + ShardKey + ?Sized>(&mut self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
     {
@@ -998,6 +1043,33 @@ impl Database {
     /// The ids of the hosts that carry a key.
     pub fn lookup(&self, key: &Key) -> &[u64] {
         self.index().lookup(key)
+    }
+
+    /// The ids of the hosts that carry any of `keys`, sorted. Until the
+    /// index is built, this looks at each host's key fields once instead of
+    /// building it: cheaper for a command that names one or two hosts.
+    pub fn lookup_any(&self, keys: &[Key]) -> Vec<u64> {
+        let mut found: Vec<u64> = match self.index.get() {
+            Some(index) => keys.iter().flat_map(|k| index.lookup(k)).copied().collect(),
+            None if keys.is_empty() => Vec::new(),
+            None => self
+                .entries
+                .iter()
+                .filter(|e| {
+                    let carried = match serde_json::from_str::<Light>(&e.json) {
+                        Ok(l) if !l.unusual => {
+                            keys_from(&l.macs, &l.serial, &l.uuid, &self.placeholders)
+                        }
+                        _ => keys_of(&e.host(), &self.placeholders),
+                    };
+                    carried.iter().any(|k| keys.contains(k))
+                })
+                .map(|e| e.id)
+                .collect(),
+        };
+        found.sort_unstable();
+        found.dedup();
+        found
     }
 
     /// The key index, built on first use: a command that finds its hosts

@@ -14,6 +14,11 @@ use std::fmt;
 pub struct Mac([u8; 6]);
 
 impl Mac {
+    /// The six bytes of the address.
+    pub fn bytes(&self) -> [u8; 6] {
+        self.0
+    }
+
     /// Parses a MAC in any usual spelling: `52:54:00:ab:cd:ef`,
     /// `52-54-00-AB-CD-EF`, `5254.00ab.cdef` or `525400abcdef`.
     /// The all-zero, broadcast and multicast addresses are not machine

@@ -596,7 +596,15 @@ fn rollout_drives_waves_stops_at_max_failures_and_resumes() {
     wait_for(&s, "wave 2", |h| {
         state_of(h, 3) == "img" && state_of(h, 4) == "img"
     });
-    let status = cli(&s.root, &["rollout", "--status"]);
+    // The rollout records a wave just after committing its states.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        let status = cli(&s.root, &["rollout", "--status"]);
+        if status.stdout.contains("wave 2 of 3") || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert!(
         status
             .stdout

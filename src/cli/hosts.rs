@@ -20,6 +20,12 @@ pub const CAUSE: &str = "cli";
 
 /// Finds the host a selector names: an id, a MAC, a serial or a UUID.
 pub fn resolve(db: &Database, selector: &str) -> Result<u64> {
+    resolve_in(db, selector, true)
+}
+
+/// [`resolve`]; `few` when the command names only a few hosts, so that
+/// looking at every host's keys once is cheaper than indexing them.
+fn resolve_in(db: &Database, selector: &str, few: bool) -> Result<u64> {
     let s = selector.trim();
     if s.is_empty() {
         return Err(Error::usage(
@@ -34,14 +40,15 @@ pub fn resolve(db: &Database, selector: &str) -> Result<u64> {
         }
     }
     let mut found: Vec<u64> = Vec::new();
+    let mut keys: Vec<Key> = Vec::new();
     if let Ok(mac) = Mac::parse(s) {
-        found.extend(db.lookup(&Key::Mac(mac)));
+        keys.push(Key::Mac(mac));
     }
     // A serial or UUID that identifies machines is in the index; only a
     // placeholder needs a look at every host.
     if let Some(uuid) = canonical_uuid(s) {
         match db.placeholders().uuid_key(&uuid) {
-            Some(key) => found.extend(db.lookup(&Key::Uuid(key))),
+            Some(key) => keys.push(Key::Uuid(key)),
             None => found.extend(
                 db.hosts()
                     .filter(|h| canonical_uuid(&h.uuid).as_deref() == Some(&uuid))
@@ -50,12 +57,19 @@ pub fn resolve(db: &Database, selector: &str) -> Result<u64> {
         }
     }
     match db.placeholders().serial_key(s) {
-        Some(key) => found.extend(db.lookup(&Key::Serial(key))),
+        Some(key) => keys.push(Key::Serial(key)),
         None => found.extend(
             db.hosts()
                 .filter(|h| !h.serial.trim().is_empty() && h.serial.trim() == s)
                 .map(|h| h.id),
         ),
+    }
+    if few {
+        found.extend(db.lookup_any(&keys));
+    } else {
+        for k in &keys {
+            found.extend(db.lookup(k));
+        }
     }
     found.sort_unstable();
     found.dedup();
@@ -89,8 +103,9 @@ pub fn select(snap: &Snapshot, t: &Targets) -> Result<Vec<u64>> {
         snap.ids().collect()
     } else {
         let mut ids = Vec::with_capacity(t.hosts.len());
+        let few = t.hosts.len() <= 2;
         for h in &t.hosts {
-            ids.push(resolve(snap, h)?);
+            ids.push(resolve_in(snap, h, few)?);
         }
         ids
     };
