@@ -341,16 +341,42 @@ impl Service {
 
 /// The report and hardware facts of a `/bootstrap` query.
 fn parse_report(params: &Params) -> Result<(Report, Facts), Response> {
-    let mut report = Report::default();
-    const KEYS: [&str; 9] = [
-        "net0", "net1", "net2", "net3", "net4", "net5", "net6", "net7", "dhcp_mac",
+    /// The fields of a report; the first nine carry MACs.
+    const FIELDS: [&str; 15] = [
+        "net0",
+        "net1",
+        "net2",
+        "net3",
+        "net4",
+        "net5",
+        "net6",
+        "net7",
+        "dhcp_mac",
+        "serial",
+        "uuid",
+        "platform",
+        "buildarch",
+        "manufacturer",
+        "product",
     ];
+    // One pass over the parameters.
+    let mut values: [Option<&str>; FIELDS.len()] = [None; FIELDS.len()];
+    for (k, v) in params.iter() {
+        if let Some(i) = FIELDS.iter().position(|f| *f == k) {
+            if values[i].replace(v).is_some() {
+                return Err(Response::error(
+                    400,
+                    format!("parameter {k:?} is given more than once"),
+                ));
+            }
+        }
+    }
+    let mut report = Report::default();
     // A NIC with an unusable address (all zeros on some unconfigured
     // ports) must not keep the machine from booting by its other NICs; it
     // only matters when no MAC at all is usable.
     let mut unusable = Vec::new();
-    for key in KEYS {
-        let value = params.one(key).map_err(|e| Response::error(400, e))?;
+    for (key, value) in FIELDS.iter().zip(values).take(9) {
         match value.map(str::trim) {
             None | Some("") => {}
             Some(v) => match Mac::parse(v) {
@@ -370,8 +396,8 @@ fn parse_report(params: &Params) -> Result<(Report, Facts), Response> {
         ));
     }
     let text = |k: &str| -> Result<String, Response> {
-        let v = params.one(k).map_err(|e| Response::error(400, e))?;
-        let v = v.unwrap_or("");
+        let i = FIELDS.iter().position(|f| *f == k).expect("a report field");
+        let v = values[i].unwrap_or("");
         if v.len() > 256 && v.chars().count() > 256 {
             return Err(Response::error(
                 400,

@@ -168,9 +168,15 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// Query or form parameters, decoded and checked.
+/// Query or form parameters, decoded and checked. The decoded names and
+/// values are kept in one string.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Params(pub Vec<(String, String)>);
+pub struct Params {
+    text: String,
+    /// Per pair: where its name ends and its value starts, and where the
+    /// value ends, in `text` (each pair starts where the previous ended).
+    pairs: Vec<(usize, usize)>,
+}
 
 impl Params {
     /// Parses `a=1&b=2` (`application/x-www-form-urlencoded`). Rejects
@@ -184,34 +190,52 @@ impl Params {
             ));
         }
         let parts = raw.iter().filter(|b| **b == b'&').count() + 1;
-        let mut pairs = Vec::with_capacity(parts.min(MAX_PARAMS));
+        let mut params = Params {
+            text: String::with_capacity(raw.len()),
+            pairs: Vec::with_capacity(parts.min(MAX_PARAMS)),
+        };
+        let mut scratch = Vec::new();
         for part in raw.split(|b| *b == b'&') {
             if part.is_empty() {
                 continue;
             }
-            if pairs.len() == MAX_PARAMS {
+            if params.pairs.len() == MAX_PARAMS {
                 return Err(format!("{what} has more than {MAX_PARAMS} parameters"));
             }
             let (k, v) = match part.iter().position(|b| *b == b'=') {
                 Some(i) => (&part[..i], &part[i + 1..]),
                 None => (part, &b""[..]),
             };
-            let key = decode(k).map_err(|e| format!("bad parameter name in {what}: {e}"))?;
-            let value = decode(v).map_err(|e| format!("bad value for {key:?}: {e}"))?;
-            pairs.push((key, value));
+            let start = params.text.len();
+            decode(k, &mut params.text, &mut scratch)
+                .map_err(|e| format!("bad parameter name in {what}: {e}"))?;
+            let name_end = params.text.len();
+            decode(v, &mut params.text, &mut scratch)
+                .map_err(|e| format!("bad value for {:?}: {e}", &params.text[start..name_end]))?;
+            params.pairs.push((name_end, params.text.len()));
         }
-        Ok(Params(pairs))
+        Ok(params)
+    }
+
+    /// The parameters in order, as (name, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let mut start = 0;
+        self.pairs.iter().map(move |&(name_end, end)| {
+            let pair = (&self.text[start..name_end], &self.text[name_end..end]);
+            start = end;
+            pair
+        })
     }
 
     /// The value of a parameter that may be given once.
     pub fn one(&self, key: &str) -> Result<Option<&str>, String> {
         let mut found = None;
-        for (k, v) in &self.0 {
+        for (k, v) in self.iter() {
             if k == key {
                 if found.is_some() {
                     return Err(format!("parameter {key:?} is given more than once"));
                 }
-                found = Some(v.as_str());
+                found = Some(v);
             }
         }
         Ok(found)
@@ -225,41 +249,37 @@ impl Params {
     }
 
     pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0
-            .iter()
-            .filter(move |(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.iter().filter(move |(k, _)| *k == key).map(|(_, v)| v)
     }
 }
 
-fn decode(raw: &[u8]) -> Result<String, String> {
+/// Appends the decoded `raw` to `out`; `scratch` holds bytes being decoded.
+fn decode(raw: &[u8], out: &mut String, scratch: &mut Vec<u8>) -> Result<(), String> {
     // Most values (MACs, UUIDs, platform names) need no decoding: they are
     // checked and copied in one go.
     let plain = !raw.iter().any(|b| matches!(b, b'%' | b'+'));
     let s = if plain {
-        std::str::from_utf8(raw)
-            .map_err(|_| "not valid UTF-8".to_string())?
-            .to_string()
+        std::str::from_utf8(raw).map_err(|_| "not valid UTF-8".to_string())?
     } else {
-        let mut out = Vec::with_capacity(raw.len());
+        scratch.clear();
         let mut i = 0;
         while i < raw.len() {
             match raw[i] {
-                b'+' => out.push(b' '),
+                b'+' => scratch.push(b' '),
                 b'%' => {
                     let hex = raw
                         .get(i + 1..i + 3)
                         .and_then(|h| std::str::from_utf8(h).ok())
                         .and_then(|h| u8::from_str_radix(h, 16).ok())
                         .ok_or("bad percent-encoding")?;
-                    out.push(hex);
+                    scratch.push(hex);
                     i += 2;
                 }
-                b => out.push(b),
+                b => scratch.push(b),
             }
             i += 1;
         }
-        String::from_utf8(out).map_err(|_| "not valid UTF-8".to_string())?
+        std::str::from_utf8(scratch).map_err(|_| "not valid UTF-8".to_string())?
     };
     let control = if s.is_ascii() {
         s.bytes().any(|b| b.is_ascii_control() && b != b'\t')
@@ -269,7 +289,8 @@ fn decode(raw: &[u8]) -> Result<String, String> {
     if control {
         return Err("contains control characters".into());
     }
-    Ok(s)
+    out.push_str(s);
+    Ok(())
 }
 
 fn parse_id(params: &Params) -> Result<u64, String> {

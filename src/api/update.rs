@@ -32,8 +32,8 @@ impl Service {
         let form = Params::parse(&req.body, "form").map_err(|e| Response::error(400, e))?;
         let mut macs = Vec::new();
         let mut metadata = Map::new();
-        for (k, v) in &form.0 {
-            match k.as_str() {
+        for (k, v) in form.iter() {
+            match k {
                 "mac" => {
                     let m = Mac::parse(v).map_err(|e| Response::error(400, format!("mac: {e}")))?;
                     if !macs.contains(&m) {
