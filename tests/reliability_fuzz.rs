@@ -80,8 +80,8 @@ fn params_parse_never_panics_and_round_trips() {
         let Ok(p) = Params::parse(&raw, "query") else {
             continue;
         };
-        assert!(p.0.len() <= MAX_PARAMS, "{raw:?}");
-        for (k, v) in &p.0 {
+        assert!(p.len() <= MAX_PARAMS, "{raw:?}");
+        for (k, v) in p.iter() {
             for s in [k, v] {
                 assert!(
                     !s.chars().any(|c| c.is_control() && c != '\t'),
@@ -90,19 +90,19 @@ fn params_parse_never_panics_and_round_trips() {
             }
         }
         // What was accepted, encoded again, parses to the same pairs.
-        let again: Vec<String> =
-            p.0.iter()
-                .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
-                .collect();
+        let again: Vec<String> = p
+            .iter()
+            .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+            .collect();
         let q = Params::parse(again.join("&").as_bytes(), "query").unwrap();
-        let nonempty: Vec<_> =
-            p.0.iter()
-                .filter(|(k, v)| !(k.is_empty() && v.is_empty()))
-                .collect();
-        let q_nonempty: Vec<_> =
-            q.0.iter()
-                .filter(|(k, v)| !(k.is_empty() && v.is_empty()))
-                .collect();
+        let nonempty: Vec<_> = p
+            .iter()
+            .filter(|(k, v)| !(k.is_empty() && v.is_empty()))
+            .collect();
+        let q_nonempty: Vec<_> = q
+            .iter()
+            .filter(|(k, v)| !(k.is_empty() && v.is_empty()))
+            .collect();
         assert_eq!(nonempty, q_nonempty, "{raw:?}");
     }
     // Too many parameters and too long input are refused, not truncated.

@@ -217,6 +217,15 @@ impl Params {
         Ok(params)
     }
 
+    /// How many parameters there are.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
     /// The parameters in order, as (name, value).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
         let mut start = 0;

@@ -11,8 +11,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(p) = Params::parse(data, "query") else {
         return;
     };
-    assert!(p.0.len() <= MAX_PARAMS);
-    for (k, v) in &p.0 {
+    assert!(p.len() <= MAX_PARAMS);
+    for (k, v) in p.iter() {
         for s in [k, v] {
             // A `String` is valid UTF-8 by construction; check the bytes
             // anyway, in case the parser ever builds one unchecked.
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let again: Vec<String> =
-        p.0.iter()
+        p.iter()
             .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
             .collect();
     let again = again.join("&");
@@ -36,9 +36,9 @@ fuzz_target!(|data: &[u8]| {
     let q = Params::parse(again.as_bytes(), "query")
         .unwrap_or_else(|e| panic!("re-encoded parameters do not parse: {e}"));
     let nonempty = |p: &Params| -> Vec<(String, String)> {
-        p.0.iter()
+        p.iter()
             .filter(|(k, v)| !(k.is_empty() && v.is_empty()))
-            .cloned()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     };
     assert_eq!(nonempty(&p), nonempty(&q));
