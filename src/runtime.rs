@@ -387,7 +387,7 @@ impl Patch {
 }
 
 /// How many shards the table is kept in: a change copies one shard.
-const SHARDS: usize = 64;
+const SHARDS: usize = 256;
 
 /// One shard of a [`RuntimeTable`], shared by clones until one changes it.
 type Shard = Arc<HashMap<u64, Arc<HostRuntime>>>;
